@@ -1,0 +1,1 @@
+"""BraTS data: case discovery, validation, splits, NIfTI input/output."""

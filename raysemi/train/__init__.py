@@ -1,0 +1,1 @@
+"""Training on Ray Train: one loop for teacher and student, checkpoints, launch, pipeline steps."""
