@@ -144,20 +144,29 @@ def log_model(
     with torch.no_grad():
         example_output = model(torch.as_tensor(example_input)).numpy()
     signature = infer_signature(example_input, example_output)
+    checkpoint_dir = Path(checkpoint_dir)
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
-                model, name="model", signature=signature, pip_requirements=[], serialization_format="pickle"
+            # The weights-only checkpoint travels inside the logged model (extra_files), so that
+            # models:/name@alias leads to it; it is also a plain run artifact for runs:/ URIs.
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=signature,
+                pip_requirements=[],
+                serialization_format="pickle",
+                extra_files=[str(checkpoint_dir / "model.pt"), str(checkpoint_dir / "meta.json")],
+                registered_model_name=registered_name,
             )
             mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
         if registered_name is None:
             return None
-        version = mlflow.register_model(f"runs:/{run_id}/checkpoint", registered_name)
+        version = str(info.registered_model_version)
         if alias:
-            client(uri).set_registered_model_alias(registered_name, alias, version.version)
-        return version.version
+            client(uri).set_registered_model_alias(registered_name, alias, version)
+        return version
     finally:
         mlflow.set_tracking_uri(previous_uri)
 
@@ -179,9 +188,10 @@ def download_checkpoint(model_uri: str, uri: str, dst: str | os.PathLike) -> Pat
     finally:
         mlflow.set_tracking_uri(previous_uri)
     path = Path(path)
-    if not (path / "model.pt").exists() and (path / "checkpoint" / "model.pt").exists():
-        path = path / "checkpoint"
-    return path
+    for candidate in (path, path / "checkpoint", path / "extra_files"):
+        if (candidate / "model.pt").exists() and (candidate / "meta.json").exists():
+            return candidate
+    raise FileNotFoundError(f"{model_uri}: no raysemi checkpoint (model.pt + meta.json) in the downloaded artifacts")
 
 
 def _param_value(value: Any) -> str:

@@ -39,7 +39,7 @@ Relative tissue intensities (WM = 1 in every modality; multiplied by the site's 
 | A | t2 | 2.40 | 1.30 | 1.00 | 2.10 | 1.40 | 1.90 |
 | A | flair | 0.25 | 1.15 | 1.00 | 0.80 | 1.40 | 1.90 |
 | B | t1 | 0.45 | 0.80 | 1.00 | 0.50 | 0.75 | 0.70 |
-| B | t1ce | 0.45 | 0.80 | 1.00 | 0.50 | 1.30 | 0.75 |
+| B | t1ce | 0.45 | 0.80 | 1.00 | 0.50 | 1.40 | 0.75 |
 | B | t2 | 1.90 | 1.15 | 1.00 | 1.70 | 1.30 | 1.55 |
 | B | flair | 0.45 | 1.06 | 1.00 | 0.95 | 1.30 | 1.50 |
 
@@ -48,7 +48,7 @@ Acquisition parameters:
 | site | noise_std | bias_strength | blur_sigma_mm | spacing (mm) | gain | description |
 |---|---|---|---|---|---|---|
 | A | 0.03 | 0.08 | 0.0 | 1.0 x 1.0 x 1.0 | 1000 | 3T research protocol: isotropic 1 mm, strong contrast, bias-corrected |
-| B | 0.07 | 0.25 | 1.0 | 1.0 x 1.0 x 2.0 | 400 | 1.5T clinical protocol: 2 mm slices, weaker GM/WM and enhancement contrast, noisier, residual bias |
+| B | 0.06 | 0.25 | 1.0 | 1.0 x 1.0 x 2.0 | 400 | 1.5T clinical protocol: 2 mm slices, weaker GM/WM and enhancement contrast, noisier, residual bias |
 
 Both sites keep the same contrast order (T1: WM > GM > CSF, tumour dark; T1ce: bright rim, dark
 necrosis; T2: CSF and edema bright; FLAIR: CSF dark, edema bright), so site B stays segmentable.
@@ -143,7 +143,8 @@ class SiteProfile:
         contrast: ``{modality: TissueContrast}`` for exactly the four modalities.
         noise_std: Rician noise standard deviation, as a fraction of the modality's WM intensity.
         bias_strength: standard deviation of the log bias field (0 = no bias).
-        blur_sigma_mm: Gaussian point-spread function, in mm (0 = none).
+        blur_sigma_mm: Gaussian point-spread function, in anatomy mm (0 = none): on a phantom
+            shrunk to fit a small grid the blur shrinks with it, so it looks the same at any size.
         spacing: default voxel size (x, y, z) in mm.
         gain: scanner gain: arbitrary intensity units per unit of relative intensity.
     """
@@ -198,11 +199,11 @@ SITES: dict[str, SiteProfile] = {
         ),
         contrast={
             "t1": TissueContrast(csf=0.45, gm=0.80, wm=1.00, necrosis=0.50, enhancing=0.75, edema=0.70),
-            "t1ce": TissueContrast(csf=0.45, gm=0.80, wm=1.00, necrosis=0.50, enhancing=1.30, edema=0.75),
+            "t1ce": TissueContrast(csf=0.45, gm=0.80, wm=1.00, necrosis=0.50, enhancing=1.40, edema=0.75),
             "t2": TissueContrast(csf=1.90, gm=1.15, wm=1.00, necrosis=1.70, enhancing=1.30, edema=1.55),
             "flair": TissueContrast(csf=0.45, gm=1.06, wm=1.00, necrosis=0.95, enhancing=1.30, edema=1.50),
         },
-        noise_std=0.07,
+        noise_std=0.06,
         bias_strength=0.25,
         blur_sigma_mm=1.0,
         spacing=(1.0, 1.0, 2.0),
@@ -417,11 +418,12 @@ def _place_tumour(
 
     All sizes are in anatomy mm (template mm), converted with ``voxel_mm`` = spacing / scale.
     """
-    coarsest = float(voxel_mm.max())
-    radius = max(rng.uniform(12.0, 24.0), 3.0 * coarsest)
+    # Floors in voxels keep every compartment visible on coarse grids (small test volumes).
+    coarsest, finest = float(voxel_mm.max()), float(voxel_mm.min())
+    radius = max(rng.uniform(12.0, 24.0), 3.0 * finest, 1.5 * coarsest)
     axes = rng.uniform(0.75, 1.25, size=3)
-    rim = min(max(rng.uniform(2.0, 4.0), 1.2 * coarsest), 0.5 * radius)
-    edema_reach = max(rng.uniform(3.0, 10.0), 3.0 * coarsest)
+    rim = min(max(rng.uniform(2.0, 4.0), 1.5 * finest), 0.5 * radius)
+    edema_reach = max(rng.uniform(3.0, 10.0), 1.5 * coarsest)
     orientation = _rotation(rng.uniform(-np.pi, np.pi, size=3))
 
     # Centre: in white matter, the whole core inside the brain, away from earlier tumours.
@@ -434,10 +436,11 @@ def _place_tumour(
     else:
         free = np.ones_like(brain)
     candidates = np.flatnonzero((surface_distance > core_reach + 3.0) & (tissue[2] > 0.5) & free)
-    if candidates.size == 0:
-        candidates = np.flatnonzero((surface_distance > 0.6 * core_reach) & brain & free)
-    if candidates.size == 0:
-        return False
+    if candidates.size == 0:  # small grids: the deepest free places in the brain
+        depth = np.where(brain & free, surface_distance, 0.0)
+        if depth.max() <= 0:
+            return False
+        candidates = np.flatnonzero(depth >= 0.8 * depth.max())
     centre = np.array(np.unravel_index(candidates[rng.integers(candidates.size)], labels.shape))
 
     # Work in a box around the centre that holds core and edema.
@@ -540,7 +543,7 @@ def render_phantom(
         raise DataError(f"seed {seed}: could not place a complete tumour in a {shape} grid; use a larger shape")
 
     # Partial volume at compartment borders: soft memberships from lightly smoothed one-hot labels.
-    soft = np.stack([ndimage.gaussian_filter((labels == k).astype(np.float32), 0.6) for k in (1, 3, 2)])
+    soft = np.stack([ndimage.gaussian_filter((labels == k).astype(np.float32), 0.5) for k in (1, 3, 2)])
     healthy = np.clip(1.0 - soft.sum(0), 0.0, 1.0)
     textures = [1.0 + 0.08 * _smooth_noise(anatomy_rng, shape, 2.0 / voxel_mm) for _ in range(3)]
 
@@ -551,7 +554,7 @@ def render_phantom(
         for k in range(3):
             clean += soft[k] * table[3 + k] * textures[k]
         if profile.blur_sigma_mm > 0:
-            clean = ndimage.gaussian_filter(clean, profile.blur_sigma_mm / spacing_mm, mode="nearest")
+            clean = ndimage.gaussian_filter(clean, profile.blur_sigma_mm / voxel_mm, mode="nearest")
         clean *= _bias_field(acquisition_rng, shape, profile.bias_strength) * profile.gain
         sigma = profile.noise_std * table[2] * profile.gain
         real = clean + sigma * acquisition_rng.standard_normal(shape, dtype=np.float32)

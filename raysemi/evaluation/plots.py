@@ -200,7 +200,7 @@ def segmentation_overlay(image: np.ndarray | torch.Tensor, out_png: str | Path,
         legend = [Patch(facecolor=LABEL_COLOURS[label], alpha=OVERLAY_ALPHA, label=LABEL_NAMES[label])
                   for label in LABEL_COLOURS]
         figure.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize="small")
-    figure.suptitle(f"{title} (axial slice z={z})".strip())
+    figure.suptitle(f"{title} (axial slice z={z})" if title else f"axial slice z={z}")
     return _save(figure, out_png)
 
 
