@@ -173,6 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable] = []
 
 
+def _register_inference(sub, add) -> None:
+    # Imported when the parser is built, not when cli is imported.
+    from raysemi.inference.commands import register
+
+    register(sub, add)
+
+
+_EXTRA_COMMANDS.append(_register_inference)
+
+
+def _register_tune(sub, add) -> None:
+    from raysemi.tune import register
+
+    register(sub, add)
+
+
+_EXTRA_COMMANDS.append(_register_tune)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

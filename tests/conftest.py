@@ -39,22 +39,3 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "cases"
     synth_dataset(root, 10, (48, 48, 48), spacing=(2.0, 2.0, 2.0), seed=7, sites=("A",))
     return root
-
-
-def tiny_config(data_root: Path, storage: Path, **sections: dict[str, Any]):
-    """A config for fast tests: tiny model, 32^3 patches, few epochs; ``sections`` override fields."""
-    from raysemi.config import RaysemiConfig
-
-    raw: dict[str, Any] = {
-        "data": {"root": str(data_root), "labeled_fraction": 0.3, "validation_fraction": 0.2, "seed": 0,
-                 "patch_size": [32, 32, 32], "patches_per_volume": 2, "augment": True},
-        "model": {"preset": "tiny", "mc_passes": 2, "sw_batch_size": 2},
-        "curriculum": {"stages": 2, "epochs_per_stage": 1},
-        "train": {"storage_path": str(storage), "run_name": "test", "num_workers": 1, "epochs": 2,
-                  "batch_size": 2, "val_max_cases": 2, "max_failures": 2},
-        "tracking": {"uri": f"sqlite:///{storage / 'mlflow.db'}", "experiment": "raysemi-tests",
-                     "register_model": "raysemi-test"},
-    }
-    for section, fields in sections.items():
-        raw.setdefault(section, {}).update(fields)
-    return RaysemiConfig.from_dict(raw)

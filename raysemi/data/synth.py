@@ -7,7 +7,8 @@ grey-matter and white-matter probability maps; nothing is downloaded). Per case,
    the field of view. The field of view is ``shape * spacing`` mm, centred on the brain. The brain
    keeps its real size when it fits; in a field of view too small for it (test volumes such as
    48^3 at 1 mm) it is shrunk as a whole to about 80 % of the field of view, so that every phantom
-   shows the whole brain. Tumour sizes scale with it. ``<id>_site.json`` records this
+   shows the whole brain. Tumour sizes and the blur scale with it (on very coarse grids each
+   compartment keeps a floor of one to a few voxels). ``<id>_site.json`` records this
    ``anatomy_scale``.
 2. **Tissues.** CSF, GM and WM fractions are resampled trilinearly onto the output grid. They are
    low-pass filtered first when the output grid is coarser than the template, which also models
@@ -18,7 +19,8 @@ grey-matter and white-matter probability maps; nothing is downloaded). Per case,
    (its distance limit grows with the WM fraction) and stays out of the ventricles. Every tumour
    has all three compartments.
 4. **Acquisition.** Each tissue gets its site's intensity (table below), and tumour compartments
-   get a mild texture. The image is then blurred (the PSF), multiplied by a smooth random bias
+   get a mild texture. The image is then blurred (the PSF; ``blur_sigma_mm`` is in anatomy mm,
+   so it scales with the brain like the tumours do), multiplied by a smooth random bias
    field (``exp(bias_strength * f)``, ``f`` a random quadratic polynomial with unit standard
    deviation), scaled by the scanner gain and given Rician noise of standard deviation
    ``noise_std * WM intensity * gain``. Last comes skull-stripping: exactly 0 outside the brain
@@ -28,7 +30,7 @@ Output per case, in the BraTS 2021 layout: ``<out>/<id>/<id>_{t1,t1ce,t2,flair}.
 ``<id>_seg.nii.gz`` (uint8, on-disk labels 0/1/2/4, left out when ``labeled=False``) and
 ``<id>_site.json``. ``synth_dataset(png=True)`` also writes ``<id>_montage.png``. The affine is
 ``diag(spacing)`` in RAS, and the centre of the field of view sits at world (0, 0, 0).
-Same seed, same arrays, bit for bit.
+Same seed, same arrays, bit for bit (and byte-identical files).
 
 Relative tissue intensities (WM = 1 in every modality; multiplied by the site's gain):
 
@@ -64,7 +66,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 import re
 import zlib
@@ -292,18 +293,18 @@ def _load_template() -> _Template:
     wm[over] /= total[over]
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
 
-    corners = np.argwhere(brain)
-    low, high = corners.min(0), corners.max(0) + 1
+    # Crop to the brain with a zero margin. The template cuts the brainstem at its lowest slice,
+    # and the margin makes that cut count as brain surface for the distance map too.
     margin = 4
-    crop = tuple(slice(max(lo - margin, 0), min(hi + margin, n)) for lo, hi, n in zip(low, high, brain.shape))
-    maps = np.stack([csf, gm, wm, brain.astype(np.float32)])[(slice(None),) + crop]
-    distance = ndimage.distance_transform_edt(maps[3] > 0).astype(np.float32)
-    start = np.array([c.start for c in crop])
+    maps = np.pad(np.stack([csf, gm, wm, brain.astype(np.float32)]), [(0, 0)] + [(margin, margin)] * 3)
+    corners = np.argwhere(maps[3] > 0)
+    low, high = corners.min(0) - margin, corners.max(0) + 1 + margin
+    maps = maps[(slice(None),) + tuple(slice(lo, hi) for lo, hi in zip(low, high))]
     return _Template(
         maps=np.ascontiguousarray(maps, dtype=np.float32),
-        surface_distance_mm=distance,
-        brain_center=((low + high - 1) / 2.0 - start).astype(np.float64),
-        brain_extent=(high - low).astype(np.float64),
+        surface_distance_mm=ndimage.distance_transform_edt(maps[3] > 0).astype(np.float32),
+        brain_center=(np.array(maps.shape[1:]) - 1) / 2.0,
+        brain_extent=np.array(maps.shape[1:], dtype=np.float64) - 2 * margin,
     )
 
 
@@ -644,7 +645,7 @@ def case_seed(seed: int, site: str, index: int) -> int:
     """
     site_key = zlib.crc32(site.encode("utf-8"))
     state = np.random.SeedSequence(int(seed), spawn_key=(site_key, int(index))).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 32 | int(state[1])
+    return (int(state[0]) & 0x7FFFFFFF) << 32 | int(state[1])  # 63 bits: fits a signed int64 anywhere
 
 
 def _plan(cases: int | None, sites: Sequence[str] | Mapping[str, int]) -> list[tuple[str, int]]:

@@ -273,16 +273,24 @@ def final_evaluation(ctx: RunContext, teacher: dict[str, Any], stages: list[dict
     return outputs
 
 
-def run_pipeline(cfg: RaysemiConfig, on_stage: StageCallback | None = None, shared: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    cfg: RaysemiConfig,
+    on_stage: StageCallback | None = None,
+    shared: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
     """The whole method. ``on_stage(stage, metrics)`` is called after every stage (Ray Tune reports there).
 
     Args:
         shared: precomputed teacher and pseudo-labels (a Tune sweep computes them once):
             ``{"teacher": teacher outputs, "pseudo_dir": folder of v01 pseudo-labels, "pool_records": [...]}``.
+        parent_run_id: MLflow run to nest this pipeline's run under (a sweep's run); default: env
+            ``RAYSEMI_PARENT_RUN_ID``, else none.
     """
     ensure_ray(cfg)
     ctx = prepare_run(cfg)
-    parent = mlflow_run(ctx, "parent", cfg.train.run_name, base_tags(ctx, "pipeline"), _sweep_parent())
+    parent = mlflow_run(ctx, "parent", cfg.train.run_name, base_tags(ctx, "pipeline"), parent_run_id or _sweep_parent())
+    _log_bad_cases(ctx, parent)
     if shared is None:
         teacher = train_teacher(ctx, parent)
     else:
@@ -305,6 +313,19 @@ def run_pipeline(cfg: RaysemiConfig, on_stage: StageCallback | None = None, shar
     evaluation = final_evaluation(ctx, teacher, stages, parent)
     tracking.finish_run(ctx.mlflow_uri, parent)
     return {"teacher": teacher, "stages": stages, "evaluation": evaluation, "run_dir": str(ctx.run_dir), "mlflow_run_id": parent}
+
+
+def _log_bad_cases(ctx: RunContext, run_id: str) -> None:
+    """Unlabeled cases left out at validation go to MLflow too: a count and the reasons file."""
+    from raysemi.train.pipeline import BAD_CASES_FILE
+
+    import json
+
+    path = ctx.run_dir / BAD_CASES_FILE
+    bad = json.loads(path.read_text()) if path.exists() else {}
+    tracking.log_metrics(ctx.mlflow_uri, run_id, {"bad_unlabeled_cases": len(bad)})
+    if bad:
+        tracking.log_artifact(ctx.mlflow_uri, run_id, path, "failures")
 
 
 def _link_teacher_probs(ctx: RunContext, shared_pseudo_dir: str) -> None:

@@ -236,6 +236,17 @@ def test_synth_dataset_names_cases_per_site_and_seeds_do_not_depend_on_the_count
     assert len({r["seed"] for r in records}) == 3
 
 
+def test_synth_dataset_with_worker_processes_writes_the_same_files_as_serial(tmp_path: Path) -> None:
+    serial = synth.synth_dataset(tmp_path / "serial", 2, (24, 24, 24), seed=9, sites=("A", "B"))
+    parallel = synth.synth_dataset(tmp_path / "parallel", 2, (24, 24, 24), seed=9, sites=("A", "B"), workers=2)
+
+    assert [p.name for p in parallel] == [p.name for p in serial]
+    for one, two in zip(serial, parallel):
+        for suffix in (*MODALITIES, "seg"):
+            name = f"{one.name}_{suffix}.nii.gz"
+            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
 def test_synth_dataset_rejects_a_case_count_that_disagrees_with_site_counts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="disagrees"):
         synth.synth_dataset(tmp_path, 5, (32, 32, 32), sites={"A": 1, "B": 1})
