@@ -96,6 +96,13 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_baseline(args: argparse.Namespace) -> int:
+    from raysemi.train.baselines import train_baseline_command
+
+    train_baseline_command(_config(args), args.method)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from raysemi.train.semi_pipeline import run_command
 
@@ -156,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("train-teacher", cmd_train_teacher, "train the supervised teacher on Ray Train (resumable)")
     add("run", cmd_run, "teacher -> pseudo-labels -> curriculum stages -> evaluation (resumable)")
+    baseline = add("train-baseline", cmd_train_baseline, "train a baseline on the same split: supervised-only or Mean Teacher")
+    baseline.add_argument("--method", required=True, choices=["supervised", "mean-teacher"])
 
     demo = add("demo", cmd_demo, "generate demo data and run the pipeline on it")
     demo.add_argument("--cases", type=int, default=20)

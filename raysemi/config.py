@@ -83,6 +83,10 @@ class LossConfig(_Section):
         1.0, ge=0.0, description="λ_l ramps up with a sigmoid over this many stages' worth of steps (1 = first stage)."
     )
     eps: float = Field(1e-6, gt=0.0, lt=0.1, description="ε in −log(1 − p + ε).")
+    mean_teacher_weight: float = Field(
+        0.1, ge=0.0, description="Mean Teacher baseline: weight of the consistency loss (SSL4MIS default 0.1)."
+    )
+    mean_teacher_ema: float = Field(0.99, gt=0.0, lt=1.0, description="Mean Teacher baseline: EMA decay of the teacher.")
 
     @model_validator(mode="after")
     def _ordered_thresholds(self) -> "LossConfig":
@@ -132,6 +136,9 @@ class TrainConfig(_Section):
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="Use GPUs: auto when the cluster has them.")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs per training worker.")
     epochs: int = Field(4, ge=1, description="Teacher epochs.")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Optimiser steps per epoch (None: one pass over the cases' patches); fixes budgets."
+    )
     batch_size: int = Field(2, ge=1, description="Patches per worker batch.")
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-5, ge=0.0, description="AdamW weight decay.")

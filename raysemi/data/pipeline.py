@@ -25,7 +25,7 @@ import ray
 
 from raysemi.data.brats import CaseRecord
 from raysemi.data.nifti import labels_to_internal
-from raysemi.data.transforms import MASK_HIGH, case_seed, preprocess_case, sample_patches
+from raysemi.data.transforms import MASK_HIGH, MASK_IGNORE, case_seed, preprocess_case, sample_patches
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,21 @@ class TrainingItem:
         case: the case record (its images; ``seg`` is used when ``pseudo_label`` is None).
         pseudo_label: NIfTI pseudo-label in the case's RAS frame, BraTS labels (0, 1, 2, 4), or None.
         mask: NIfTI training mask in the same frame (0 ignore, 1 high, 2 low), with ``pseudo_label``.
+        unlabeled: a case without any label (the Mean Teacher baseline): label 0 and mask "ignore"
+            everywhere, ``is_pseudo`` True; its seg on disk (hidden truth) is never read.
     """
 
     case: CaseRecord
     pseudo_label: str | None = None
     mask: str | None = None
+    unlabeled: bool = False
 
     def to_row(self, repeat: int) -> dict[str, Any]:
         return {
             "case_json": json.dumps(self.case.to_dict()),
             "pseudo_label": self.pseudo_label or "",
             "mask": self.mask or "",
+            "unlabeled": self.unlabeled,
             "repeat": repeat,
         }
 
@@ -80,9 +84,13 @@ def patches_for_row(row: dict[str, Any], spec: dict[str, Any]) -> list[dict[str,
     """
     patch_spec = PatchSpec(**{**spec, "patch_size": tuple(spec["patch_size"])})
     case = CaseRecord.from_dict(json.loads(row["case_json"]))
-    is_pseudo = bool(row["pseudo_label"])
+    is_pseudo = bool(row["pseudo_label"]) or bool(row.get("unlabeled"))
     try:
-        if is_pseudo:
+        if row.get("unlabeled"):
+            prepared = preprocess_case(case, with_seg=False)
+            label = np.zeros(prepared.brain.shape, dtype=np.uint8)
+            mask = np.full(label.shape, MASK_IGNORE, dtype=np.uint8)
+        elif is_pseudo:
             prepared = preprocess_case(
                 case, with_seg=False, extra_paths={"label": row["pseudo_label"], "mask": row["mask"]}
             )

@@ -32,7 +32,7 @@ from raysemi.data.brats import CaseRecord
 from raysemi.data.transforms import MASK_HIGH, MASK_LOW, preprocess_case
 from raysemi.evaluation.metrics import DICE_KEYS, dice_per_region
 from raysemi.model import build_model_from_config
-from raysemi.semi.losses import DualLoss
+from raysemi.semi.losses import DualLoss, sigmoid_rampup
 from raysemi.train.checkpoint import TrainState, load_model_weights, load_train_state, save_checkpoint, unwrap
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class TrainJob:
     """What one ``fit()`` trains; travels to the workers as a plain dict next to the config.
 
     Attributes:
-        role: ``teacher`` or ``student``.
+        role: ``teacher``, ``student``, or ``mean_teacher`` (the baseline: its unlabeled patches
+            get the EMA-teacher consistency loss instead of pseudo-labels).
         epochs: epochs of this fit.
         steps_per_epoch: optimiser steps per epoch on each worker.
         validation: validation case records (dicts).
@@ -112,12 +113,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("rank %d resumes %s at epoch %d", rank, job.role, state.epoch + 1)
 
     use_amp = cfg.train.amp and device.type == "cuda"
+    mean_teacher = MeanTeacher(model, cfg.loss.mean_teacher_ema, cfg.loss.mean_teacher_weight, job.rampup_steps) if job.role == "mean_teacher" else None
     batches = _batch_stream(cfg.train.batch_size)
     validation = [CaseRecord.from_dict(c) for c in job.validation][rank::world]
 
     for epoch in range(state.epoch, job.epochs):
         started = time.time()
-        train_metrics = train_epoch(model, optimizer, loss_fn, batches, job, epoch, device, use_amp)
+        train_metrics = train_epoch(model, optimizer, loss_fn, batches, job, epoch, device, use_amp, mean_teacher)
         scheduler.step()
         val_metrics, example = validate(model, validation, cfg, device, use_amp)
         metrics = {
@@ -167,10 +169,11 @@ def train_epoch(
     epoch: int,
     device: torch.device,
     use_amp: bool,
+    mean_teacher: "MeanTeacher | None" = None,
 ) -> dict[str, float]:
     """``job.steps_per_epoch`` optimiser steps; returns mean loss parts."""
     model.train()
-    sums = dict.fromkeys(TRAIN_LOSS_KEYS, 0.0)
+    sums = dict.fromkeys(TRAIN_LOSS_KEYS + ("loss_consistency",), 0.0)
     pseudo_share = 0.0
     for step_in_epoch in range(job.steps_per_epoch):
         batch = next(batches)
@@ -184,14 +187,57 @@ def train_epoch(
         loss, parts = loss_fn(
             logits.float(), target, is_pseudo, high_mask=mask == MASK_HIGH, low_mask=mask == MASK_LOW, step=step
         )
+        if mean_teacher is not None and is_pseudo.any():
+            consistency = mean_teacher.consistency(logits.float()[is_pseudo], image[is_pseudo], step)
+            loss = loss + consistency
+            sums["loss_consistency"] += float(consistency.detach())
+            sums["loss"] += float(consistency.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if mean_teacher is not None:
+            mean_teacher.update(model, step)
         for key, part in zip(TRAIN_LOSS_KEYS, ("total", "supervised", "high", "low", "lambda_low")):
             sums[key] += parts[part]
         pseudo_share += float(is_pseudo.float().mean())
     steps = max(job.steps_per_epoch, 1)
-    return {**{k: v / steps for k, v in sums.items()}, "pseudo_patch_share": pseudo_share / steps}
+    means = {k: v / steps for k, v in sums.items()}
+    if mean_teacher is None:
+        means.pop("loss_consistency")
+    return {**means, "pseudo_patch_share": pseudo_share / steps}
+
+
+class MeanTeacher:
+    """The Mean Teacher baseline (Tarvainen & Valpola 2017, as in SSL4MIS): an EMA copy of the
+    network predicts on noisy unlabeled patches; the student matches its softmax (MSE), with a
+    sigmoid ramp-up of the consistency weight. It shares the model, data and loop with raysemi."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, weight: float, rampup_steps: int) -> None:
+        import copy
+
+        self.ema = copy.deepcopy(unwrap(model))
+        for parameter in self.ema.parameters():
+            parameter.requires_grad_(False)
+        self.decay, self.weight, self.rampup_steps = decay, weight, rampup_steps
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        # Early on the EMA follows the student closely (SSL4MIS's alpha = min(1 - 1/(step+1), decay)).
+        alpha = min(1.0 - 1.0 / (step + 1), self.decay)
+        for ema_param, param in zip(self.ema.parameters(), unwrap(model).parameters()):
+            ema_param.mul_(alpha).add_(param.detach(), alpha=1.0 - alpha)
+        for ema_buffer, buffer in zip(self.ema.buffers(), unwrap(model).buffers()):
+            ema_buffer.copy_(buffer)
+
+    def consistency(self, student_logits: torch.Tensor, image: torch.Tensor, step: int) -> torch.Tensor:
+        """w(t) · MSE(softmax(student), softmax(EMA teacher on the input plus clipped Gaussian noise))."""
+        with torch.no_grad():
+            noise = torch.clamp(torch.randn_like(image) * 0.1, -0.2, 0.2)
+            self.ema.train()  # dropout on, as in SSL4MIS
+            teacher_probs = torch.softmax(self.ema(image + noise).float(), dim=1)
+        student_probs = torch.softmax(student_logits, dim=1)
+        weight = self.weight * sigmoid_rampup(step, self.rampup_steps)
+        return weight * torch.mean((student_probs - teacher_probs) ** 2)
 
 
 @torch.no_grad()
@@ -271,7 +317,7 @@ def _log_to_mlflow(job: TrainJob, metrics: dict[str, float], state: TrainState, 
         step = job.epoch_offset + int(metrics["epoch"])
         tracking.log_metrics(job.mlflow_uri, job.mlflow_run_id, metrics, step=step)
         plots_dir = Path(job.plots_dir or tempfile.mkdtemp(prefix="raysemi-plots-"))
-        name = job.role if job.role == "teacher" else f"stage_{job.stage:02d}"
+        name = f"stage_{job.stage:02d}" if job.role == "student" else job.role
         curve = plots.learning_curves(state.history, plots_dir / f"{name}_learning_curve.png")
         tracking.log_artifact(job.mlflow_uri, job.mlflow_run_id, curve, "plots")
         if example is not None:
@@ -287,6 +333,19 @@ def _log_to_mlflow(job: TrainJob, metrics: dict[str, float], state: TrainState, 
 def steps_per_epoch(num_cases: int, patches_per_volume: int, batch_size: int, num_workers: int) -> int:
     """Optimiser steps per worker that cover each case's patches about once."""
     return max(1, math.floor(num_cases * patches_per_volume / (batch_size * num_workers)))
+
+
+def epoch_steps(cfg: RaysemiConfig, num_cases: int) -> int:
+    """``train.steps_per_epoch`` when set (fixed budgets), else one pass over the cases' patches."""
+    if cfg.train.steps_per_epoch:
+        return cfg.train.steps_per_epoch
+    return steps_per_epoch(num_cases, cfg.data.patches_per_volume, cfg.train.batch_size, cfg.train.num_workers)
+
+
+def stream_repeats(cfg: RaysemiConfig, num_cases: int, epochs: int, steps: int) -> int:
+    """Passes over the cases the patch stream needs so that ``epochs x steps`` batches never run dry."""
+    patches_needed = epochs * steps * cfg.train.batch_size * cfg.train.num_workers
+    return max(epochs, math.ceil(patches_needed / max(1, num_cases * cfg.data.patches_per_volume)))
 
 
 def job_dict(job: TrainJob) -> dict[str, Any]:

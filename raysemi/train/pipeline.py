@@ -27,7 +27,7 @@ from raysemi.evaluation.metrics import DICE_KEYS
 from raysemi.evaluation.report import markdown_table
 from raysemi.train.checkpoint import load_meta, load_model
 from raysemi.train.launch import best_checkpoint_dir, ensure_ray, fit
-from raysemi.train.loop import TrainJob, steps_per_epoch
+from raysemi.train.loop import TrainJob, epoch_steps, stream_repeats
 from raysemi.train.state import RunState
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def train_teacher(ctx: RunContext, parent_run_id: str | None = None) -> dict[str
         return ctx.state.get("teacher")
     run_id = mlflow_run(ctx, "teacher", f"{cfg.train.run_name}-teacher", base_tags(ctx, "teacher"), parent_run_id)
     items = [TrainingItem(case) for case in ctx.cases(ctx.split.labeled)]
-    steps = steps_per_epoch(len(items), cfg.data.patches_per_volume, cfg.train.batch_size, cfg.train.num_workers)
+    steps = epoch_steps(cfg, len(items))
     job = TrainJob(
         role="teacher",
         epochs=cfg.train.epochs,
@@ -166,7 +166,8 @@ def train_teacher(ctx: RunContext, parent_run_id: str | None = None) -> dict[str
         mlflow_run_id=run_id,
         plots_dir=str(ctx.run_dir / "results" / "plots"),
     )
-    dataset = training_dataset(items, PatchSpec.from_config(cfg.data, cfg.train.seed), repeats=cfg.train.epochs)
+    repeats = stream_repeats(cfg, len(items), cfg.train.epochs, steps)
+    dataset = training_dataset(items, PatchSpec.from_config(cfg.data, cfg.train.seed), repeats=repeats)
     print(f"[raysemi] teacher: {len(items)} labeled cases, {cfg.train.epochs} epochs x {steps} steps", flush=True)
     result = fit(cfg, job, dataset, ctx.run_dir, "teacher")
     best = best_checkpoint_dir(result)

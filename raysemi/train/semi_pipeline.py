@@ -28,7 +28,7 @@ from raysemi.inference.outputs import pseudo_paths
 from raysemi.inference.predictor import Evaluator, PseudoLabeler, Refiner
 from raysemi.train.checkpoint import load_meta
 from raysemi.train.launch import best_checkpoint_dir, ensure_ray, fit
-from raysemi.train.loop import TrainJob, steps_per_epoch
+from raysemi.train.loop import TrainJob, epoch_steps, stream_repeats
 from raysemi.train.pipeline import (
     RunContext,
     base_tags,
@@ -124,7 +124,7 @@ def run_stage(ctx: RunContext, stage: int, pool, parent_run_id: str, init_weight
     labeled = [TrainingItem(case) for case in ctx.cases(ctx.split.labeled)]
     pseudo = [TrainingItem(ctx.split.cases[r["case_id"]], r["label_path"], r["mask_path"]) for r in admitted]
     items = labeled + pseudo
-    steps = steps_per_epoch(len(items), cfg.data.patches_per_volume, cfg.train.batch_size, cfg.train.num_workers)
+    steps = epoch_steps(cfg, len(items))
     epochs = cfg.curriculum.epochs_per_stage
     first_stage_steps = _stage_steps(ctx, 1)
     run_id = mlflow_run(ctx, key, f"{cfg.train.run_name}-{key}", base_tags(ctx, "student", stage), parent_run_id)
@@ -149,7 +149,8 @@ def run_stage(ctx: RunContext, stage: int, pool, parent_run_id: str, init_weight
         flush=True,
     )
     spec = PatchSpec.from_config(cfg.data, cfg.train.seed + 1000 * stage)
-    result = fit(cfg, job, training_dataset(items, spec, repeats=epochs), ctx.run_dir, key)
+    dataset = training_dataset(items, spec, repeats=stream_repeats(cfg, len(items), epochs, steps))
+    result = fit(cfg, job, dataset, ctx.run_dir, key)
     checkpoint = best_checkpoint_dir(result)
     metrics = {k: v for k, v in load_meta(checkpoint)["metrics"].items() if k.startswith("val_")}
     refinement = refine_step(ctx, stage, checkpoint, admitted, run_id) if cfg.curriculum.refine else {}
@@ -171,7 +172,7 @@ def _stage_steps(ctx: RunContext, stage: int) -> int:
     cfg = ctx.cfg
     fractions = cfg.curriculum.cumulative_fractions()
     n_pseudo = math.ceil(fractions[stage - 1] * len(ctx.split.unlabeled) - 1e-9)
-    return steps_per_epoch(len(ctx.split.labeled) + n_pseudo, cfg.data.patches_per_volume, cfg.train.batch_size, cfg.train.num_workers)
+    return epoch_steps(cfg, len(ctx.split.labeled) + n_pseudo)
 
 
 def refine_step(ctx: RunContext, stage: int, student_checkpoint: str, admitted: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
