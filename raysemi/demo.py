@@ -8,13 +8,19 @@ from raysemi.config import RaysemiConfig
 
 
 def demo(cfg: RaysemiConfig, cases: int = 20, shape: tuple[int, int, int] = (64, 64, 64), teacher_only: bool = False) -> None:
-    """Write ``cases`` phantoms into ``data.root`` (once), then train (teacher, or the whole method)."""
+    """Write two-site phantoms into ``data.root`` (once), then train (teacher, or the whole method).
+
+    The demo mirrors the setting where the method pays off: labeled scans from hospital A, unlabeled
+    and validation scans from hospital B (another scanner and protocol). ``cases`` is split 40 % A,
+    60 % B.
+    """
     from raysemi.data.synth import synth_dataset
 
     root = Path(cfg.data.root)
     if not root.exists() or not any(root.iterdir()):
-        print(f"[raysemi] generating {cases} demo cases of shape {shape} in {root} ...", flush=True)
-        synth_dataset(root, cases, shape, spacing=(1.5, 1.5, 1.5), seed=cfg.data.seed, sites=("A",), png=True)
+        sites = {"A": max(1, round(0.4 * cases)), "B": max(2, cases - round(0.4 * cases))}
+        print(f"[raysemi] generating demo cases {sites} of shape {shape} in {root} ...", flush=True)
+        synth_dataset(root, None, shape, spacing=None, seed=cfg.data.seed, sites=sites, png=True)
     else:
         print(f"[raysemi] using the demo cases already in {root}", flush=True)
     if teacher_only:

@@ -151,7 +151,9 @@ class Refiner(_MCModel):
                 )
                 labels = refined.label.numpy()
                 mask = encode_masks(refined.high_mask, refined.low_mask)
-                paths = write_pseudo_label(prepared, self.out_dir, labels, refined.uncertainty.numpy(), mask)
+                # Files are named by the case's new version: pseudo/v<version>/<case>_*.nii.gz
+                out_dir = self.out_dir / f"v{int(row['version']) + 1:02d}"
+                paths = write_pseudo_label(prepared, out_dir, labels, refined.uncertainty.numpy(), mask)
                 score = bool(row.get("score_truth"))
                 results.append(
                     {

@@ -111,6 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             load_model_weights(directory, model)
             state = load_train_state(directory, optimizer, scheduler)
         log.info("rank %d resumes %s at epoch %d", rank, job.role, state.epoch + 1)
+        if rank == 0:
+            _backfill_mlflow(job, state)
 
     use_amp = cfg.train.amp and device.type == "cuda"
     mean_teacher = MeanTeacher(model, cfg.loss.mean_teacher_ema, cfg.loss.mean_teacher_weight, job.rampup_steps) if job.role == "mean_teacher" else None
@@ -137,15 +139,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.best_metric = score
         metrics["best_val_dice_mean_regions"] = state.best_metric
         meta = {"config": cfg.to_dict(), "role": job.role, "stage": job.stage, "metrics": metrics}
+        if rank == 0:
+            print(_progress_line(job, metrics), flush=True)
+            # MLflow first, checkpoint second: a kill in between makes the resumed run log this epoch
+            # again (a duplicate point) instead of never logging it.
+            _log_to_mlflow(job, metrics, state, example)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_checkpoint(tmp, model, optimizer, scheduler, state, meta)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
-        if rank == 0:
-            print(_progress_line(job, metrics), flush=True)
-            _log_to_mlflow(job, metrics, state, example)
 
 
 def _batch_stream(batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -328,6 +332,23 @@ def _log_to_mlflow(job: TrainJob, metrics: dict[str, float], state: TrainState, 
             tracking.log_artifact(job.mlflow_uri, job.mlflow_run_id, overlay, "plots")
     except Exception as exc:  # noqa: BLE001 - tracking must never kill a training run
         log.warning("MLflow logging failed (training goes on): %s", exc)
+
+
+def _backfill_mlflow(job: TrainJob, state: TrainState) -> None:
+    """After a resume, log the checkpointed epochs that MLflow never received (killed in between)."""
+    if not job.mlflow_uri or not job.mlflow_run_id:
+        return
+    from raysemi import tracking
+
+    try:
+        logged = {step for step, _ in tracking.metric_history(job.mlflow_uri, job.mlflow_run_id, "epoch")}
+        for entry in state.history:
+            step = job.epoch_offset + int(entry["epoch"])
+            if step not in logged:
+                metrics = {k: v for k, v in entry.items() if k != "global_epoch"}
+                tracking.log_metrics(job.mlflow_uri, job.mlflow_run_id, metrics, step=step)
+    except Exception as exc:  # noqa: BLE001 - tracking must never kill a training run
+        log.warning("MLflow back-fill failed (training goes on): %s", exc)
 
 
 def steps_per_epoch(num_cases: int, patches_per_volume: int, batch_size: int, num_workers: int) -> int:

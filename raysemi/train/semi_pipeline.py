@@ -178,9 +178,11 @@ def _stage_steps(ctx: RunContext, stage: int) -> int:
 def refine_step(ctx: RunContext, stage: int, student_checkpoint: str, admitted: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
     """Student predicts on the admitted cases; the agreement rule writes pseudo-label version ``stage + 1``."""
     cfg = ctx.cfg
-    out_dir = ctx.run_dir / "pseudo" / f"v{stage + 1:02d}"
+    out_dir = ctx.run_dir / "pseudo"  # the Refiner writes into v<new version>/
     hidden = set(ctx.split.hidden_truth)
     teacher_dir = ctx.run_dir / "pseudo" / "v01"
+    # A rerun after a crash mid-refinement refines only the cases this stage has not refined yet.
+    admitted = [r for r in admitted if not any(h.get("stage") == stage for h in r.get("history", []))]
     cases = [ctx.split.cases[r["case_id"]] for r in admitted]
     by_id = {r["case_id"]: r for r in admitted}
     rows = case_rows(
@@ -188,6 +190,7 @@ def refine_step(ctx: RunContext, stage: int, student_checkpoint: str, admitted: 
         label_path={i: r["label_path"] for i, r in by_id.items()},
         probs_path={i: pseudo_paths(teacher_dir, i)["probs_path"] for i in by_id},
         confidence={i: r["confidence"] for i, r in by_id.items()},
+        version={i: r["version"] for i, r in by_id.items()},
         score_truth={i: i in hidden for i in by_id},
     )
     print(f"[raysemi] stage {stage}: refining {len(rows)} pseudo-labels by teacher-student agreement ...", flush=True)
