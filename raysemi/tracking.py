@@ -15,6 +15,7 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,6 +29,24 @@ from mlflow.tracking import MlflowClient
 log = logging.getLogger(__name__)
 
 MLFLOW_PARAM_LIMIT = 100  # MLflow accepts at most 100 params per log_batch call
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """Point MLflow's fluent API at ``uri`` for a block, then restore the global URI and the
+    ``MLFLOW_TRACKING_URI`` variable (MLflow 3's set_tracking_uri also sets that variable, which
+    would otherwise override every later ``tracking.uri`` in this process)."""
+    previous_uri = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def client(uri: str) -> MlflowClient:
@@ -145,9 +164,7 @@ def log_model(
         example_output = model(torch.as_tensor(example_input)).numpy()
     signature = infer_signature(example_input, example_output)
     checkpoint_dir = Path(checkpoint_dir)
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _fluent_uri(uri):
         with mlflow.start_run(run_id=run_id):
             # The weights-only checkpoint travels inside the logged model (extra_files), so that
             # models:/name@alias leads to it; it is also a plain run artifact for runs:/ URIs.
@@ -167,8 +184,6 @@ def log_model(
         if alias:
             client(uri).set_registered_model_alias(registered_name, alias, version)
         return version
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
 
 
 def download_checkpoint(model_uri: str, uri: str, dst: str | os.PathLike) -> Path:
@@ -177,16 +192,12 @@ def download_checkpoint(model_uri: str, uri: str, dst: str | os.PathLike) -> Pat
     Accepts ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (registered checkpoints) and
     ``runs:/<run id>`` / ``runs:/<run id>/checkpoint``.
     """
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _fluent_uri(uri):
         if model_uri.startswith("runs:/"):
             rest = model_uri[len("runs:/") :].strip("/")
             run_id = rest.split("/", 1)[0]
             model_uri = f"runs:/{run_id}/checkpoint"
         path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
     path = Path(path)
     for candidate in (path, path / "checkpoint", path / "extra_files"):
         if (candidate / "model.pt").exists() and (candidate / "meta.json").exists():

@@ -36,15 +36,19 @@ def run_batch_inference(
     """
     if not rows:
         return []
+    from raysemi.train.launch import use_gpu
+
     actors = max(1, min(cfg.train.inference_actors, len(rows)))
+    # GPU where present: train.inference_gpus_per_actor, else one GPU per actor when train.use_gpu allows.
+    gpus = cfg.train.inference_gpus_per_actor or (1.0 if use_gpu(cfg) else 0.0)
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     results = dataset.map_batches(
         callable_class,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=1,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
-        num_gpus=cfg.train.inference_gpus_per_actor or None,
+        num_gpus=gpus or None,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a dead actor
         # is restarted and its in-flight case retried.
     )

@@ -9,11 +9,12 @@
 - Every case is validated first (:func:`raysemi.data.brats.validate_case`, without its seg); a
   case that fails is skipped with its reason and the rest complete.
 - The valid cases go through a Ray Data actor pool (:func:`raysemi.inference.batch.run_batch_inference`
-  with :class:`raysemi.inference.predictor.Predictor`, ``train.inference_actors`` actors, a GPU
-  each when ``train.inference_gpus_per_actor`` is set). The sliding window is the patch size the
-  checkpoint was trained with (its ``meta.json`` config), so the model sees inputs of the size
-  it learned on; ``model.mc_passes`` (or ``--passes``), ``model.sw_*`` and
-  ``curriculum.confidence_margin`` come from the command's config.
+  with :class:`raysemi.inference.predictor.Predictor`, ``train.inference_actors`` actors with
+  ``train.inference_gpus_per_actor`` GPUs each; when that is 0, one GPU each where
+  ``train.use_gpu`` allows it: ``auto``, the default, when the cluster has GPUs). The sliding
+  window is the patch size the checkpoint was trained with (its ``meta.json`` config), so the
+  model sees inputs of the size it learned on; ``model.mc_passes`` (or ``--passes``),
+  ``model.sw_*`` and ``curriculum.confidence_margin`` come from the command's config.
 
 Output folder of predict (and of suggest-labels, which runs the same inference)::
 
@@ -249,16 +250,20 @@ def predict_cases(
     if valid:
         from raysemi.inference.batch import case_rows, run_batch_inference
         from raysemi.inference.predictor import Predictor
-        from raysemi.train.launch import ensure_ray
+        from raysemi.train.launch import ensure_ray, use_gpu
 
+        ensure_ray(cfg)
         run_cfg = inference_config(cfg, checkpoint)
-        shown_passes = passes or run_cfg.model.mc_passes
+        if run_cfg.train.inference_gpus_per_actor == 0 and use_gpu(run_cfg):
+            # GPU where present: with train.use_gpu auto (the default), when the cluster has one.
+            run_cfg = run_cfg.with_overrides({"train.inference_gpus_per_actor": 1.0})
+        gpus = run_cfg.train.inference_gpus_per_actor
         print(
-            f"[raysemi] predicting {len(valid)} cases ({shown_passes} MC passes, window "
-            f"{list(run_cfg.data.patch_size)}, {run_cfg.train.inference_actors} actor(s)) -> {out}",
+            f"[raysemi] predicting {len(valid)} cases ({passes or run_cfg.model.mc_passes} MC passes, window "
+            f"{list(run_cfg.data.patch_size)}, {run_cfg.train.inference_actors} actor(s) with "
+            f"{f'{gpus:g} GPU' if gpus else '1 CPU'} each) -> {out}",
             flush=True,
         )
-        ensure_ray(run_cfg)
         results = run_batch_inference(
             Predictor,
             case_rows(valid),
@@ -286,8 +291,11 @@ def predict_cases(
     _write_csv(
         run.predictions_csv,
         ["case_id", "confidence", "tumour_voxels", "seg_path", "uncertainty_path"],
-        [[p.case_id, repr(p.confidence), p.tumour_voxels, _relative(p.seg_path, out), _relative(p.uncertainty_path, out)]
-         for p in predictions],
+        [
+            [p.case_id, repr(p.confidence), p.tumour_voxels, _relative(p.seg_path, out),
+             _relative(p.uncertainty_path, out)]
+            for p in predictions
+        ],
     )
     _write_csv(run.skipped_csv, ["case_id", "step", "reason"], [[s.case_id, s.step, s.reason] for s in skipped])
     if not predictions:
@@ -356,14 +364,17 @@ def suggest_labels(
         print(f"[raysemi] only {len(ranked)} cases could be predicted; suggesting all of them", flush=True)
     records = {case.case_id: case for case in unlabeled}
     suggestions = [
-        Suggestion(rank, prediction, write_overlay(records[prediction.case_id], prediction, _overlay_path(out, prediction.case_id)))
-        for rank, prediction in enumerate(ranked, start=1)
+        Suggestion(rank, p, write_overlay(records[p.case_id], p, _overlay_path(out, p.case_id)))
+        for rank, p in enumerate(ranked, start=1)
     ]
     _write_csv(
         out / SUGGESTIONS_CSV,
         ["rank", "case_id", "confidence", "tumour_voxels", "overlay_png"],
-        [[s.rank, s.prediction.case_id, repr(s.prediction.confidence), s.prediction.tumour_voxels, _relative(s.overlay_png, out)]
-         for s in suggestions],
+        [
+            [s.rank, s.prediction.case_id, repr(s.prediction.confidence), s.prediction.tumour_voxels,
+             _relative(s.overlay_png, out)]
+            for s in suggestions
+        ],
     )
     return suggestions, run
 
@@ -554,7 +565,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluation = evaluate(args.pred, args.ref, args.out, workers=args.workers)
     mean, median, std = (evaluation.summary[name] for name in ("mean", "median", "std"))
     keys = [key for key in mean if key.startswith(("dice_", "hd95_"))]
-    print(markdown_table(["metric", "mean", "median", "std"], [[key, mean[key], median[key], std[key]] for key in keys]))
+    rows = [[key, mean[key], median[key], std[key]] for key in keys]
+    print(markdown_table(["metric", "mean", "median", "std"], rows))
     print(f"\n{len(evaluation.rows)} cases; reports: {', '.join(str(p) for p in evaluation.reports.values())}")
     if args.mlflow:
         run_id = log_evaluation(cfg, evaluation, args.pred, args.ref)
@@ -564,8 +576,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add predict, evaluate and suggest-labels to the ``raysemi`` parser (see ``cli.build_parser``)."""
-    model_help = "checkpoint folder (model.pt + meta.json) or MLflow URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID"
-    predict_parser = add("predict", cmd_predict, "segment every case of a folder: seg + uncertainty like the input, confidence CSV")
+    model_help = (
+        "checkpoint folder (model.pt + meta.json) or MLflow URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID"
+    )
+    predict_parser = add(
+        "predict", cmd_predict, "segment every case of a folder: seg + uncertainty like the input, confidence CSV"
+    )
     predict_parser.add_argument("--model", "-m", required=True, help=model_help)
     predict_parser.add_argument("--input", "-i", required=True, help="folder of cases (BraTS layout, seg not needed)")
     predict_parser.add_argument("--output", "-o", required=True, help="output folder")
@@ -577,11 +593,15 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     evaluate_parser.add_argument("--ref", required=True, help="reference folder (BraTS layout with seg files)")
     evaluate_parser.add_argument("--out", default=None, help="report folder (default: <pred>/evaluation)")
     evaluate_parser.add_argument("--workers", type=int, default=1, help="local processes (HD95 costs seconds per case)")
-    evaluate_parser.add_argument("--mlflow", action="store_true", help="log the summary and reports to MLflow (tracking.*)")
+    evaluate_parser.add_argument(
+        "--mlflow", action="store_true", help="log the summary and reports to MLflow (tracking.*)"
+    )
 
     suggest_parser = add("suggest-labels", cmd_suggest_labels, "the K least-confident unlabeled scans to annotate next")
     suggest_parser.add_argument("--model", "-m", required=True, help=model_help)
-    suggest_parser.add_argument("--input", "-i", required=True, help="folder of cases; cases with a seg file are left out")
+    suggest_parser.add_argument(
+        "--input", "-i", required=True, help="folder of cases; cases with a seg file are left out"
+    )
     suggest_parser.add_argument("-k", type=int, required=True, help="number of scans to suggest")
     suggest_parser.add_argument("--output", "-o", default="suggestions", help="output folder (default: ./suggestions)")
     suggest_parser.add_argument("--passes", type=int, default=None, help="MC-dropout passes (default: model.mc_passes)")

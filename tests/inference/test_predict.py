@@ -54,7 +54,8 @@ def predicted(ray_cluster, tmp_path_factory):
     model, _ = load_model(checkpoint)
     with mlflow_env_restored():
         run_id = tracking.create_run(uri, cfg.tracking.experiment, "register-test-model")
-        tracking.log_model(uri, run_id, model, checkpoint, np.zeros((1, 4, 32, 32, 32), np.float32), REGISTERED_NAME, "champion")
+        example = np.zeros((1, 4, 32, 32, 32), np.float32)
+        tracking.log_model(uri, run_id, model, checkpoint, example, REGISTERED_NAME, "champion")
 
     # A generated head re-saved as LPS with anisotropic voxels; the brain is cut off on two sides
     # so that its bounding box is not symmetric: a flipped output would miss it.
