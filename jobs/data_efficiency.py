@@ -4,7 +4,7 @@ Submit from the repository root::
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \
         --working-dir . --runtime-env jobs/runtime_env.yaml \
-        -- python jobs/data_efficiency.py --config jobs/configs/brats2021.yaml --out /mnt/shared/benchmarks/data_efficiency.json
+        -- python jobs/data_efficiency.py --config jobs/configs/data_efficiency.yaml --out /mnt/shared/benchmarks/data_efficiency
 
 Every argument (the config, ``--set`` overrides, ``--out``, ...) is handed to the benchmark unchanged,
 as if it were run with ``python benchmarks/data_efficiency.py ARGS`` (``--help`` lists them).

@@ -4,7 +4,7 @@ Submit from the repository root::
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \
         --working-dir . --runtime-env jobs/runtime_env.yaml \
-        -- python jobs/domain_shift.py --config jobs/configs/brats2021.yaml --out /mnt/shared/benchmarks/domain_shift.json
+        -- python jobs/domain_shift.py --config jobs/configs/domain_shift.yaml --out /mnt/shared/benchmarks/domain_shift
 
 Every argument (the config, ``--set`` overrides, ``--out``, ...) is handed to the benchmark unchanged,
 as if it were run with ``python benchmarks/domain_shift.py ARGS`` (``--help`` lists them).

@@ -1,6 +1,6 @@
 """Ray job entrypoint: segment new scans with a trained model (``raysemi predict``).
 
-Submit from the repository root (paths must be visible to every node: shared storage or s3://)::
+Submit from the repository root (paths must be visible to every node: a shared file system)::
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 \
         --working-dir . --runtime-env jobs/runtime_env.yaml \

@@ -130,7 +130,10 @@ class CurriculumConfig(_Section):
 
 
 class TrainConfig(_Section):
-    storage_path: str = Field("runs", description="Where runs, checkpoints and pseudo-labels go (local path, NFS or s3://).")
+    storage_path: str = Field(
+        "runs", description="Where runs, checkpoints and pseudo-labels go: a local path, or a shared POSIX file system "
+        "(NFS, EFS, CephFS) mounted on every node of a multi-node cluster."
+    )
     run_name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run folder name; rerun to resume.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="Use GPUs: auto when the cluster has them.")
@@ -149,6 +152,18 @@ class TrainConfig(_Section):
     val_max_cases: int | None = Field(None, ge=1, description="Validate on at most this many cases per epoch (None: all).")
     inference_actors: int = Field(1, ge=1, description="Actors in the batch-inference pool (pseudo-labels, predict).")
     inference_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per inference actor (0: CPU).")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _posix_storage(cls, value: str) -> str:
+        # Pseudo-labels, the pool snapshot and results are written with local file I/O; an object-store
+        # URI would silently become a local folder named "s3:", so it is refused here.
+        if "://" in value:
+            raise ValueError(
+                f"must be a file-system path (local, or a shared NFS/EFS mount on a cluster), got the URI {value!r}; "
+                "object stores (s3://, gs://) are not supported yet"
+            )
+        return value
 
 
 class SearchSpaceEntry(_Section):

@@ -74,12 +74,9 @@ def _run_python(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize(("script", "subcommand"), CLI_ENTRYPOINTS)
 def test_cli_entrypoint_forwards_to_its_subcommand(script, subcommand):
-    from raysemi.cli import build_parser
-
-    commands = build_parser()._subparsers._group_actions[0].choices
-    if subcommand not in commands:
-        pytest.skip(f"`raysemi {subcommand}` is not registered in raysemi/cli.py yet")
     result = _run_python([f"jobs/{script}", "--help"])
+    if f"invalid choice: '{subcommand}'" in result.stderr:
+        pytest.skip(f"`raysemi {subcommand}` is not registered in raysemi/cli.py yet")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: raysemi {subcommand} ")
     assert "--config" in result.stdout and "--set" in result.stdout
@@ -112,6 +109,16 @@ def test_benchmark_entrypoint_runs_the_benchmark_as_a_script(script, tmp_path):
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen == {"argv": [str(tmp_path / "benchmarks" / script), *args], "greeting": "helper imported"}
+
+
+@pytest.mark.parametrize("script", BENCHMARK_ENTRYPOINTS)
+def test_benchmark_entrypoint_reaches_the_real_benchmark(script):
+    if not (REPO / "benchmarks" / script).is_file():
+        pytest.skip(f"benchmarks/{script} is not written yet")
+    result = _run_python([f"jobs/{script}", "--help"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script} ")
+    assert "--config" in result.stdout and "--set" in result.stdout
 
 
 @pytest.mark.parametrize("script", BENCHMARK_ENTRYPOINTS)
@@ -308,8 +315,7 @@ def test_rayjob_entrypoint_config_and_storage_exist_where_the_pods_look():
     for group, pod in _pods(rayjob["spec"]["rayClusterSpec"]):
         mounts = _mounts(pod)
         assert _under(cfg.data.root, mounts, writable=False), (group, cfg.data.root)
-        if not cfg.train.storage_path.startswith("s3://"):
-            assert _under(cfg.train.storage_path, mounts, writable=True), (group, cfg.train.storage_path)
+        assert _under(cfg.train.storage_path, mounts, writable=True), (group, cfg.train.storage_path)
 
 
 # -- Ray cluster launcher ---------------------------------------------------------------------------

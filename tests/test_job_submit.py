@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +58,12 @@ class SecureHead:
     head_env: dict[str, str]  # RAY_AUTH_MODE=token, HOME holding the token
 
     def client_env(self, home: Path, token: str | None = None) -> dict[str, str]:
-        """A client environment with token mode on, a HOME of its own and (optionally) RAY_AUTH_TOKEN."""
+        """A client with a HOME of its own: token mode and RAY_AUTH_TOKEN when ``token`` is given, else a
+        plain client that sends no token at all."""
         env = {**self.head_env, "HOME": str(home)}
-        if token is not None:
+        if token is None:
+            del env["RAY_AUTH_MODE"]
+        else:
             env["RAY_AUTH_TOKEN"] = token
         return env
 
@@ -107,7 +112,7 @@ def _head_processes(marker: str) -> set[int]:
         found |= children
 
 
-def _stop_head(marker: str, grace_s: float = 15.0) -> set[int]:
+def _stop_head(marker: str, grace_s: float = 8.0) -> set[int]:
     """SIGTERM the head's processes, SIGKILL what is left after ``grace_s``; returns the pids still alive."""
     pids = _head_processes(marker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -144,23 +149,23 @@ def secure_head():
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         RAY_USAGE_STATS_ENABLED="0",
     )
-    generated = _run([RAY, "get-auth-token", "--generate"], env)
-    assert generated.returncode == 0, generated.stderr
-    token_file = home / ".ray" / "auth_token"
-    token = token_file.read_text().strip()
-    assert generated.stdout.strip() == token, "ray get-auth-token prints the token it stored in ~/.ray/auth_token"
-
-    (gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env_agent, node_manager, object_manager) = _free_ports(9)
-    start = [
-        RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        "--num-cpus=4", f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}",
-        "--include-dashboard=true", "--disable-usage-stats",
-    ]
     try:
+        generated = _run([RAY, "get-auth-token", "--generate"], env)
+        assert generated.returncode == 0, generated.stderr
+        token_file = home / ".ray" / "auth_token"
+        token = token_file.read_text().strip()
+        assert generated.stdout.strip() == token, "ray get-auth-token prints the token it stored in ~/.ray/auth_token"
+
+        (gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env_agent, node_manager, object_manager) = _free_ports(9)
+        start = [
+            RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+            "--num-cpus=4", f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}",
+            "--include-dashboard=true", "--disable-usage-stats",
+        ]
         started = _run(start, env, timeout=240)
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
         yield SecureHead(f"http://127.0.0.1:{dashboard}", dashboard, token, env)
@@ -219,6 +224,15 @@ def test_submission_without_the_right_token_is_refused(secure_head, tmp_path):
     assert wrong_token.returncode != 0
     assert "Forbidden: Invalid authentication token" in wrong_token.stdout + wrong_token.stderr
 
+    # The job server itself answers 401 without a token and serves the same request with it.
+    request = urllib.request.Request(f"{secure_head.address}/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    request.add_header("Authorization", f"Bearer {secure_head.token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
     # Neither attempt created a job.
     jobs = _auth_client(secure_head).list_jobs()
     assert not [job for job in jobs if marker in job.entrypoint]
@@ -231,8 +245,9 @@ def test_pipeline_job_succeeds_and_logs_to_mlflow(secure_head, tmp_path):
     from raysemi.data.synth import synth_dataset
 
     data_root = tmp_path / "cases"
-    # 4 mm voxels: the 32^3 grid holds the whole brain (the phantom's field of view is shape x spacing).
-    synth_dataset(data_root, 8, (32, 32, 32), spacing=(4.0, 4.0, 4.0), seed=3, sites=("A",))
+    # Two sites, as jobs/configs/demo.yaml expects (labels from site A; unlabeled and validation scans
+    # from site B). 4 mm voxels: the 32^3 grid holds the whole brain (field of view = shape x spacing).
+    synth_dataset(data_root, None, (32, 32, 32), spacing=(4.0, 4.0, 4.0), seed=3, sites={"A": 3, "B": 5})
     storage = tmp_path / "runs"
     mlflow_db = tmp_path / "mlflow.db"
     overrides = [
