@@ -327,7 +327,10 @@ def _format_errors(exc: ValidationError, source: str) -> str:
             lines.append(f"  {path}: unknown key{' in section ' + section if section else ''}")
             continue
         message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {path}: {message} (got {error.get('input')!r})")
+        value = error.get("input")
+        if "got" not in message and not isinstance(value, dict):
+            message += f" (got {value!r})"
+        lines.append(f"  {path}: {message}")
     return "\n".join(lines)
 
 
