@@ -49,6 +49,13 @@ class PoolActor:
         return [dataclasses.asdict(r) for r in self.pool.admit(stage)]
 
     def update(self, case_id: str, **fields: Any) -> dict[str, Any]:
+        # Ray re-sends a call whose actor died before replying (max_task_retries=-1). If the dead
+        # actor had already applied and snapshotted this refinement, applying it again would add
+        # a spurious version; the same stage with the same label file is that retry.
+        current = self.pool.get(case_id)
+        last = current.history[-1] if current.history else {}
+        if last.get("stage") == fields.get("stage") and last.get("label_path") == str(fields.get("label_path")):
+            return dataclasses.asdict(current)
         return dataclasses.asdict(self.pool.update(case_id, **fields))
 
     def stats(self) -> dict[str, Any]:

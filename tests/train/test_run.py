@@ -116,7 +116,12 @@ def scenario(tmp_path_factory, synth_root, ray_cluster):
     command = [sys.executable, "-m", "raysemi.cli", "run", "--config", str(config_file)]
 
     def teacher_checkpoint_exists() -> bool:
-        return any((run_dir / "teacher").glob("checkpoint_*/meta.json"))
+        # Registered by the Ray Train controller (what a rerun resumes from), not merely on disk.
+        try:
+            snapshot = json.loads((run_dir / "teacher" / "checkpoint_manager_snapshot.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return len(snapshot.get("checkpoint_results", [])) >= 1
 
     def stage_one_done() -> bool:
         state = run_dir / "state.json"
