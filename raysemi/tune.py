@@ -44,9 +44,11 @@ What is shared, and what a trial may change:
 Scheduling: ASHA on the per-stage validation Dice (``tune.metric``, mode max, time attribute
 ``stage``). Every trial reports once per curriculum stage (``run_pipeline``'s ``on_stage``); the
 last stage is reported after the trial's final evaluation, so that ASHA's stop at ``max_t`` cannot
-cut the evaluation short. Train's per-epoch reports stay inside Train: a stage is ASHA's unit of time.
+cut the evaluation short. Train's per-epoch reports stay inside Train: a stage is ASHA's unit of time
+(``ray.tune.integration.ray_train.TuneReportCallback`` would forward every epoch, from each fit).
 
-Train inside Tune (Ray 2.60, Train V2): each trial is a thin driver function that builds its own
+Train inside Tune (Ray 2.60, where Train V2 is the default: ``RAY_TRAIN_V2_ENABLED`` unset or 1;
+``Tuner(trainer)`` is deprecated there): each trial is a thin driver function that builds its own
 ``TorchTrainer`` (through :func:`~raysemi.train.semi_pipeline.run_pipeline`). The trial function
 reserves only ``tune.cpus_per_trial`` CPUs; its Train workers and inference actors request their
 own resources when they start. ``tune.gpus_per_trial`` states how many GPUs one trial's training
@@ -145,6 +147,8 @@ def sampled_values(trial_config: dict[str, Any], cfg: RaysemiConfig) -> dict[str
     flat = _flatten(trial_config)
     values = {}
     for key, entry in cfg.tune.space.items():
+        if key not in flat:
+            continue
         value = flat[key]
         encoded = entry.values is not None and any(isinstance(v, (list, dict)) for v in entry.values)
         values[key] = json.loads(value) if encoded and isinstance(value, str) else value
@@ -184,8 +188,9 @@ def apply_sampled(base: RaysemiConfig, sampled: dict[str, Any], label: str) -> R
     try:
         return base.with_overrides(overrides)
     except ConfigError as exc:
+        reasons = [line.strip() for line in str(exc).splitlines()[1:]] or [str(exc)]  # drop the "invalid config" header
         values = ", ".join(f"{k}={v!r}" for k, v in sampled.items())
-        raise ConfigError(f"{label}: the sampled values ({values}) make an invalid config; this trial is skipped.\n{exc}") from None
+        raise ConfigError(f"{label}: {'; '.join(reasons)}; sampled values: {values}; this trial is skipped") from None
 
 
 def trial_config(base: RaysemiConfig, sampled: dict[str, Any], root: Path, trial_id: str) -> RaysemiConfig:
@@ -245,7 +250,10 @@ def trial_pool_records(shared: dict[str, Any], cfg: RaysemiConfig, run_dir: Path
         if not out_path.exists():  # written atomically: present means complete
             jobs.append((record["uncertainty_path"], probs_path, str(out_path)))
         record["mask_path"] = str(out_path)
-    ray.get([_recompute_masks.remote(jobs[i : i + chunk], cfg.loss.tau_high, cfg.loss.tau_low) for i in range(0, len(jobs), chunk)])
+    # An explicit strategy: inside a Tune trial, tasks without one are captured into the trial's
+    # placement group, which holds only the trial driver's CPUs.
+    recompute = _recompute_masks.options(scheduling_strategy="SPREAD")
+    ray.get([recompute.remote(jobs[i : i + chunk], cfg.loss.tau_high, cfg.loss.tau_low) for i in range(0, len(jobs), chunk)])
     return records
 
 
@@ -368,8 +376,10 @@ def prepare_shared(cfg: RaysemiConfig, root: Path, sweep_run_id: str) -> dict[st
 def _sweep_run(cfg: RaysemiConfig, state: RunState) -> str:
     """The sweep's MLflow parent run (reused on resume); refuses to resume a sweep with another config."""
     started = state.get("start").get("config")
-    if started is not None and started != cfg.to_dict():
-        changed = sorted(k for k, v in cfg.flat().items() if _flatten(started).get(k) != v)
+    current = cfg.flat()
+    # Fields added to the config since the sweep started (with their defaults) do not block a resume.
+    changed = sorted(k for k, v in _flatten(started or {}).items() if current.get(k, v) != v)
+    if changed:
         raise ConfigError(
             f"sweep {cfg.tune.name} in {state.path.parent} was started with another config (changed: {', '.join(changed)}); "
             "rerun with the same config to resume, or pick a new tune.name"
@@ -396,12 +406,14 @@ def _tuner(cfg: RaysemiConfig, trainable: Any, root: Path) -> tune.Tuner:
     if tune.Tuner.can_restore(path):
         print(f"[raysemi] resuming sweep {cfg.tune.name} from {path} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    concurrency = trial_concurrency(cfg, ray.cluster_resources().get("GPU", 0))
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=cfg.train.seed)
+        search_alg = OptunaSearch(seed=cfg.train.seed)  # Tune wraps it in a ConcurrencyLimiter
     else:
-        search_alg = BasicVariantGenerator(random_state=cfg.train.seed)
+        # A generator passed in must limit concurrency itself: Tune ignores max_concurrent_trials then.
+        search_alg = BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.train.seed)
     if cfg.tune.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="stage", max_t=max_stages(cfg), grace_period=cfg.tune.grace_period,
@@ -415,7 +427,7 @@ def _tuner(cfg: RaysemiConfig, trainable: Any, root: Path) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric, mode="max", search_alg=search_alg, scheduler=scheduler,
             num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=trial_concurrency(cfg, ray.cluster_resources().get("GPU", 0)),
+            max_concurrent_trials=concurrency if cfg.tune.search == "optuna" else None,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(root)),
@@ -428,11 +440,11 @@ def summarise_trials(results: tune.ResultGrid, cfg: RaysemiConfig) -> list[Trial
     for result in results:
         metrics = result.metrics or {}
         trial_id = Path(result.path).name
-        params = sampled_values(result.config, cfg)
+        params = sampled_values(_trial_params(result), cfg)
         last_stage = int(metrics.get("stage", 0))
         score = float(metrics.get(cfg.tune.metric, math.nan))
         if result.error is not None:
-            status, error = "error", str(result.error).strip().splitlines()[-1][:500]
+            status, error = "error", _error_message(result.error)
         else:
             status, error = ("completed" if metrics.get("student_checkpoint") else "stopped"), ""
         summaries.append(
@@ -442,6 +454,20 @@ def summarise_trials(results: tune.ResultGrid, cfg: RaysemiConfig) -> list[Trial
             )
         )
     return sorted(summaries, key=lambda s: s.trial_id.rsplit("_", 1)[-1])
+
+
+def _trial_params(result: tune.Result) -> dict[str, Any]:
+    """A trial's sampled config; a restored trial that never reported has it only in Tune's ``params.json``."""
+    if result.config:
+        return result.config
+    params = Path(result.path) / "params.json"
+    return json.loads(params.read_text()) if params.exists() else {}
+
+
+def _error_message(error: BaseException) -> str:
+    """The trial's own exception message on one line (Tune wraps it in a RayTaskError with a traceback)."""
+    cause = getattr(error, "cause", None) or error
+    return " ".join(str(cause).split())[:1000]
 
 
 def best_trial(trials: list[TrialSummary]) -> TrialSummary | None:
@@ -454,11 +480,18 @@ def _write_trial_table(trials: list[TrialSummary], cfg: RaysemiConfig, root: Pat
     from raysemi.evaluation.report import markdown_table
 
     keys = list(cfg.tune.space)
-    rows = [[t.trial_id, *[t.params.get(k) for k in keys], t.status, t.last_stage, t.score, t.error[:80]] for t in trials]
+    rows = [
+        [t.trial_id, *[_cell(t.params.get(k)) for k in keys], t.status, t.last_stage, t.score, t.error.removeprefix(f"trial {t.trial_id}: ")[:100]]
+        for t in trials
+    ]
     table = markdown_table(["trial", *keys, "status", "stage", cfg.tune.metric, "error"], rows)
     atomic_write_text(root / "trials.md", table + "\n")
     atomic_write_json(root / "trials.json", [asdict(t) for t in trials])
     return table
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def export_best(cfg: RaysemiConfig, best: TrialSummary, root: Path, sweep_run_id: str, state: RunState) -> str | None:
