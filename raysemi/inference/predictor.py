@@ -86,12 +86,16 @@ def _truth_dice(case: CaseRecord, box_case: PreprocessedCase, labels: np.ndarray
     return dice_per_region(torch.as_tensor(labels), torch.as_tensor(truth))["dice_mean_regions"]
 
 
-class PseudoLabeler(_MCModel):
-    """Teacher pseudo-labels for unlabeled cases (version 1 in the pool)."""
+class _PseudoLabelWriter(_MCModel):
+    """An MC model that writes pseudo-label files under ``out_dir``."""
 
     def __init__(self, checkpoint_dir: str, cfg: dict[str, Any], out_dir: str) -> None:
         super().__init__(checkpoint_dir, cfg)
         self.out_dir = Path(out_dir)
+
+
+class PseudoLabeler(_PseudoLabelWriter):
+    """Teacher pseudo-labels for unlabeled cases (version 1 in the pool)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         results = []
@@ -121,12 +125,8 @@ class PseudoLabeler(_MCModel):
         return _columns(results)
 
 
-class Refiner(_MCModel):
+class Refiner(_PseudoLabelWriter):
     """Student predictions on admitted cases -> agreement refinement -> the next pseudo-label version."""
-
-    def __init__(self, checkpoint_dir: str, cfg: dict[str, Any], out_dir: str) -> None:
-        super().__init__(checkpoint_dir, cfg)
-        self.out_dir = Path(out_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         results = []

@@ -21,12 +21,13 @@ binary tumour masks (label > 0) and the new confidence is C' = α·C + (1 − α
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+
+from raysemi.semi.uncertainty import normalised_entropy
 
 UncertainAgreement = Literal["unlearn", "ignore"]
 
@@ -55,13 +56,6 @@ class RefinementResult:
     agreement: float
     confidence: float
     counts: dict[str, int]
-
-
-def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """−Σ_c p_c log p_c / log K over dim 0 of (K, ...) probabilities; in [0, 1]."""
-    num_classes = probs.shape[0]
-    # xlogy gives 0·log 0 = 0 where a class has probability exactly 0.
-    return -torch.special.xlogy(probs, probs).sum(dim=0) / math.log(num_classes)
 
 
 def tumour_dice(label_a: torch.Tensor, label_b: torch.Tensor) -> float:
@@ -139,8 +133,8 @@ def refine(
             )
     student_label = student_probs.argmax(dim=0)
 
-    teacher_uncertainty = normalised_entropy(teacher_probs)
-    student_uncertainty = normalised_entropy(student_probs)
+    teacher_uncertainty = normalised_entropy(teacher_probs, dim=0)
+    student_uncertainty = normalised_entropy(student_probs, dim=0)
     teacher_conf = teacher_probs.gather(0, teacher_label[None])[0]
     student_conf = student_probs.max(dim=0).values
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.stats import entropy
 
-from raysemi.semi.refine import normalised_entropy, refine, tumour_dice
+from raysemi.semi.refine import refine, tumour_dice
+from raysemi.semi.uncertainty import normalised_entropy
 
 TAU_HIGH, TAU_LOW, MARGIN = 0.2, 0.5, 0.1
 
@@ -165,7 +166,8 @@ def test_tumour_dice(label_a, label_b, expected):
 def test_normalised_entropy_matches_scipy_and_handles_zero_probabilities():
     probs = torch.tensor([[0.1, 1.0, 0.25], [0.2, 0.0, 0.25], [0.3, 0.0, 0.25], [0.4, 0.0, 0.25]])
     expected = [_u([0.1, 0.2, 0.3, 0.4]), 0.0, 1.0]
-    assert normalised_entropy(probs).tolist() == pytest.approx(expected, abs=1e-6)
+    # refine() takes (K, ...) probabilities: the class axis is 0 there.
+    assert normalised_entropy(probs, dim=0).tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_bad_inputs_rejected():
