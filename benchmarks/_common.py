@@ -134,8 +134,8 @@ def compare(
     if target is not None and ratio == ratio:
         met = bool(ratio >= target) if higher_is_better else bool(ratio <= target)
     verdict = "" if target is None else f" (target {target_text}: {'met' if met else 'NOT met'})"
-    print(f"  {measurement}: {value:.4g} {unit} vs {baseline}: {baseline_value:.4g} {unit} -> ratio {ratio:.3f}{verdict}",
-          flush=True)
+    print(f"  {measurement}: {value:.4g} {unit} vs {baseline}: {baseline_value:.4g} {unit} "
+          f"-> ratio {ratio:.3f}{verdict}", flush=True)
     return {
         "measurement": measurement,
         "value": value,
@@ -177,15 +177,6 @@ def write_report(
     print(f"wrote {path}", flush=True)
 
 
-def set_torch_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (None: leave torch's default); returns the number in use."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
 def env_without_ray_address(**extra: str) -> dict[str, str]:
     """This process's environment minus RAY_ADDRESS (a child starts its own local Ray), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -202,23 +193,28 @@ class ProcessTreeMemory:
     RSS counts a page once per process that maps it, so shared libraries (torch in every Ray worker)
     and the shared-memory object store are counted several times; PSS splits each shared page between
     the processes that map it and so adds up to what the tree really occupies. Both are recorded.
-    RSS (cheap, /proc/<pid>/statm) is read every ``interval`` seconds, PSS (/proc/<pid>/smaps_rollup,
-    costlier) every ``pss_every`` samples, to keep the sampler's own CPU use small on a 2-core machine.
+
+    Finding the descendants means reading every process's /proc entry, and PSS means reading each
+    process's smaps_rollup: both cost far more than RSS (/proc/<pid>/statm). So the tree is found
+    again and PSS read every ``full_every`` samples (a new process is seen at most that late; Ray's
+    workers live for seconds to minutes), and RSS is read every ``interval`` seconds, which keeps the
+    sampler's own CPU use small on a 2-core machine.
 
     Args:
         pid: the root process.
         interval: seconds between RSS samples.
-        pss_every: take a PSS sample every this many RSS samples.
+        full_every: find the tree again and read PSS every this many samples.
     """
 
-    def __init__(self, pid: int, interval: float = 0.2, pss_every: int = 5) -> None:
+    def __init__(self, pid: int, interval: float = 0.2, full_every: int = 5) -> None:
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.pss_every = pss_every
+        self.full_every = full_every
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_processes = 0
         self.samples = 0
+        self._processes: list[psutil.Process] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
@@ -229,16 +225,17 @@ class ProcessTreeMemory:
             return []
 
     def sample(self) -> None:
-        """One sample of the whole tree (processes that exit mid-sample are skipped)."""
-        with_pss = self.samples % self.pss_every == 0
+        """One sample of the tree (processes that exit mid-sample are skipped)."""
+        full = self.samples % self.full_every == 0
+        if full:
+            self._processes = self._tree()
         rss = pss = 0
-        processes = self._tree()
-        for process in processes:
+        for process in self._processes:
             try:
-                if with_pss:
-                    full = process.memory_full_info()
-                    rss += full.rss
-                    pss += full.pss
+                if full:
+                    info = process.memory_full_info()
+                    rss += info.rss
+                    pss += info.pss
                 else:
                     rss += process.memory_info().rss
             except psutil.Error:
@@ -246,7 +243,7 @@ class ProcessTreeMemory:
         self.samples += 1
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)
-        self.peak_processes = max(self.peak_processes, len(processes))
+        self.peak_processes = max(self.peak_processes, len(self._processes))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -6,9 +6,10 @@ batch 1. Cases: a single patch, and a whole volume by sliding window (every wind
 
 Usage::
 
-    python benchmarks/uncertainty.py [--out benchmarks/out/uncertainty.json] [--passes 8] [--repeats 3]
+    python benchmarks/uncertainty.py [--out benchmarks/out/uncertainty.json] [--passes 8] [--repeats 5]
 
-Prints ``sequential_time / batched_time`` per case and writes the timings and machine info as JSON.
+Prints ``sequential_time / batched_time`` (fastest runs) per case and writes the timings and
+machine info as JSON.
 """
 
 from __future__ import annotations
@@ -28,36 +29,45 @@ from raysemi.model import build_model
 from raysemi.semi.uncertainty import mc_predict, mc_sliding_window
 
 
-def _time(run: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``run`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+def _time_once(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def _compare(name: str, make_run: Callable[[int | None], Callable[[], object]], warmup: int,
              repeats: int, details: dict) -> dict:
-    """Time the batched (max_batch=None) and sequential (max_batch=1) variants of one case."""
-    batched = _time(make_run(None), warmup, repeats)
-    sequential = _time(make_run(1), warmup, repeats)
-    ratio = statistics.median(sequential) / statistics.median(batched)
-    print(f"{name}: batched median {statistics.median(batched):.3f} s, sequential median "
-          f"{statistics.median(sequential):.3f} s, sequential/batched = {ratio:.2f}")
+    """Time the batched (max_batch=None) and sequential (max_batch=1) variants of one case.
+
+    The two variants alternate, so that a change in machine load during the benchmark hits both
+    alike. The ratio uses the fastest run of each (the one least disturbed by other processes);
+    the medians are reported too.
+    """
+    batched_run, sequential_run = make_run(None), make_run(1)
+    for _ in range(warmup):
+        batched_run()
+        sequential_run()
+    batched, sequential = [], []
+    for _ in range(repeats):
+        batched.append(_time_once(batched_run))
+        sequential.append(_time_once(sequential_run))
+    ratio = min(sequential) / min(batched)
+    print(f"{name}: batched min {min(batched):.3f} s (median {statistics.median(batched):.3f}), "
+          f"sequential min {min(sequential):.3f} s (median {statistics.median(sequential):.3f}), "
+          f"sequential/batched = {ratio:.2f}", flush=True)
     return {**details, "batched_s": batched, "sequential_s": sequential,
+            "batched_min_s": min(batched), "sequential_min_s": min(sequential),
             "batched_median_s": statistics.median(batched),
-            "sequential_median_s": statistics.median(sequential), "ratio_sequential_over_batched": ratio}
+            "sequential_median_s": statistics.median(sequential),
+            "ratio_sequential_over_batched": ratio,
+            "ratio_of_medians": statistics.median(sequential) / statistics.median(batched)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out/uncertainty.json", help="JSON result path")
     parser.add_argument("--passes", type=int, default=8, help="MC-dropout passes T")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
     parser.add_argument("--patch", type=int, default=64, help="patch side")
     parser.add_argument("--volume", type=int, default=96, help="whole-volume side (sliding window)")

@@ -46,7 +46,8 @@ def run_batch_inference(
         callable_class,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # One case in flight per actor: cases are few and long, so an idle actor should get the next one.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=1,
         num_gpus=gpus or None,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a dead actor
