@@ -110,6 +110,11 @@ class CurriculumConfig(_Section):
         "unlearn them (METHOD.md's literal rule). 'ignore' is the default because the literal rule sent 85-91 % of "
         "the refined voxels to the unlearning set and the student collapsed (README, domain-shift study).",
     )
+    labeled_share: float | None = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="Least share of labeled cases in the student's patch stream: labeled cases are repeated so that "
+        "pseudo-labeled scans never crowd out ground truth (None: cases in proportion to their counts).",
+    )
     student_init: Literal["teacher", "scratch"] = Field("teacher", description="Initialise the student from the teacher or from scratch.")
     refine: bool = Field(True, description="Run agreement refinement after each stage.")
 

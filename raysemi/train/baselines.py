@@ -14,7 +14,7 @@ from typing import Any
 
 from raysemi import tracking
 from raysemi.config import RaysemiConfig
-from raysemi.data.pipeline import PatchSpec, TrainingItem, training_dataset
+from raysemi.data.pipeline import PatchSpec, TrainingItem, balance_labeled, training_dataset
 from raysemi.train.checkpoint import load_meta
 from raysemi.train.launch import best_checkpoint_dir, ensure_ray, fit
 from raysemi.train.loop import TrainJob, epoch_steps, stream_repeats
@@ -33,8 +33,10 @@ def train_baseline(ctx: RunContext, method: str) -> dict[str, Any]:
     cfg = ctx.cfg
     items = [TrainingItem(case) for case in ctx.cases(ctx.split.labeled)]
     if method == "mean-teacher":
-        items += [TrainingItem(case, unlabeled=True) for case in ctx.cases(ctx.split.unlabeled)]
-    steps = epoch_steps(cfg, len(items))
+        unlabeled = [TrainingItem(case, unlabeled=True) for case in ctx.cases(ctx.split.unlabeled)]
+        # The same labeled share of the stream as the raysemi student (SSL4MIS: half of every batch).
+        items = balance_labeled(items, unlabeled, cfg.curriculum.labeled_share)
+    steps = epoch_steps(cfg, len(ctx.split.labeled) + (len(ctx.split.unlabeled) if method == "mean-teacher" else 0))
     run_id = mlflow_run(ctx, key, f"{cfg.train.run_name}-{method}", base_tags(ctx, f"baseline-{method}"))
     job = TrainJob(
         role="mean_teacher" if method == "mean-teacher" else "teacher",

@@ -21,7 +21,7 @@ import ray
 from raysemi import tracking
 from raysemi.atomic import atomic_write_json, atomic_write_text
 from raysemi.config import RaysemiConfig
-from raysemi.data.pipeline import PatchSpec, TrainingItem, training_dataset
+from raysemi.data.pipeline import PatchSpec, TrainingItem, balance_labeled, training_dataset
 from raysemi.evaluation.metrics import summarise
 from raysemi.inference.batch import case_rows, run_batch_inference
 from raysemi.inference.outputs import pseudo_paths
@@ -123,8 +123,8 @@ def run_stage(ctx: RunContext, stage: int, pool, parent_run_id: str, init_weight
     admitted = ray.get(pool.admit.remote(stage))
     labeled = [TrainingItem(case) for case in ctx.cases(ctx.split.labeled)]
     pseudo = [TrainingItem(ctx.split.cases[r["case_id"]], r["label_path"], r["mask_path"]) for r in admitted]
-    items = labeled + pseudo
-    steps = epoch_steps(cfg, len(items))
+    items = balance_labeled(labeled, pseudo, cfg.curriculum.labeled_share)
+    steps = epoch_steps(cfg, len(labeled) + len(pseudo))  # distinct cases, not the repeated labeled ones
     epochs = cfg.curriculum.epochs_per_stage
     first_stage_steps = _stage_steps(ctx, 1)
     run_id = mlflow_run(ctx, key, f"{cfg.train.run_name}-{key}", base_tags(ctx, "student", stage), parent_run_id)

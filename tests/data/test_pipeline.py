@@ -104,3 +104,17 @@ def test_batches_convert_to_torch_for_training(ray_cluster, cases):
     batch = next(iter(dataset.iter_torch_batches(batch_size=2)))
     assert isinstance(batch["image"], torch.Tensor) and batch["image"].shape == (2, 4, *PATCH)
     assert batch["is_pseudo"].dtype == torch.bool
+
+
+def test_balance_labeled_repeats_ground_truth_to_the_share(cases):
+    from raysemi.data.pipeline import balance_labeled
+
+    labeled = [TrainingItem(cases[0])]
+    pseudo = [TrainingItem(cases[1], "l.nii.gz", "m.nii.gz")] * 3
+    # share 0.5 with 1 labeled vs 3 pseudo: the labeled case is needed 3 times
+    mixed = balance_labeled(labeled, pseudo, 0.5)
+    assert sum(not item.pseudo_label for item in mixed) == 3 and len(mixed) == 6
+    # share 0.2: 1 of 4 is already 25 % >= 20 %
+    assert balance_labeled(labeled, pseudo, 0.2) == labeled + pseudo
+    assert balance_labeled(labeled, pseudo, None) == labeled + pseudo
+    assert balance_labeled(labeled, [], 0.5) == labeled
