@@ -64,6 +64,22 @@ class _MCModel:
     def confidence(self, case: PreprocessedCase, out: dict[str, np.ndarray]) -> float:
         return float(image_confidence(out["entropy"], out["label"], case.brain, self.cfg.curriculum.confidence_margin))
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
+        """One result per case; a case that raises is returned with its error and the others go on."""
+        results = []
+        for row in _rows(batch):
+            case = CaseRecord.from_dict(json.loads(row["case_json"]))
+            try:
+                results.append({"case_id": case.case_id, "error": "", **self.process(case, row)})
+            except Exception as exc:  # noqa: BLE001 - reported by the driver, the other cases go on
+                log.error("%s failed for %s: %s", type(self).__name__, case.case_id, exc)
+                results.append({"case_id": case.case_id, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
+        return _columns(results)
+
+    def process(self, case: CaseRecord, row: dict[str, Any]) -> dict[str, Any]:
+        """Handle one case; returns its result fields."""
+        raise NotImplementedError
+
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     keys = list(batch)
@@ -97,84 +113,58 @@ class _PseudoLabelWriter(_MCModel):
 class PseudoLabeler(_PseudoLabelWriter):
     """Teacher pseudo-labels for unlabeled cases (version 1 in the pool)."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        results = []
-        for row in _rows(batch):
-            case = CaseRecord.from_dict(json.loads(row["case_json"]))
-            try:
-                prepared = preprocess_case(case, with_seg=False)
-                out = self.infer(prepared, self.cfg.model.mc_passes)
-                high, low = masks_from_uncertainty(torch.as_tensor(out["entropy"]), self.cfg.loss.tau_high, self.cfg.loss.tau_low)
-                mask = encode_masks(high, low)
-                paths = write_pseudo_label(prepared, self.out_dir, out["label"], out["entropy"], mask, probs=out["mean_probs"])
-                truth = _truth_dice(case, prepared, out["label"]) if row.get("score_truth") else None
-                results.append(
-                    {
-                        "case_id": case.case_id,
-                        "confidence": self.confidence(prepared, out),
-                        "high_share": float(high.float().mean()),
-                        "low_share": float(low.float().mean()),
-                        "truth_dice": truth,
-                        "error": "",
-                        **paths,
-                    }
-                )
-            except Exception as exc:  # noqa: BLE001 - reported by the driver, the other cases go on
-                log.error("pseudo-labeling failed for %s: %s", case.case_id, exc)
-                results.append({"case_id": case.case_id, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
-        return _columns(results)
+    def process(self, case: CaseRecord, row: dict[str, Any]) -> dict[str, Any]:
+        prepared = preprocess_case(case, with_seg=False)
+        out = self.infer(prepared, self.cfg.model.mc_passes)
+        high, low = masks_from_uncertainty(torch.as_tensor(out["entropy"]), self.cfg.loss.tau_high, self.cfg.loss.tau_low)
+        paths = write_pseudo_label(prepared, self.out_dir, out["label"], out["entropy"], encode_masks(high, low), probs=out["mean_probs"])
+        return {
+            "confidence": self.confidence(prepared, out),
+            "high_share": float(high.float().mean()),
+            "low_share": float(low.float().mean()),
+            "truth_dice": _truth_dice(case, prepared, out["label"]) if row.get("score_truth") else None,
+            **paths,
+        }
 
 
 class Refiner(_PseudoLabelWriter):
     """Student predictions on admitted cases -> agreement refinement -> the next pseudo-label version."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        results = []
+    def process(self, case: CaseRecord, row: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
-        for row in _rows(batch):
-            case = CaseRecord.from_dict(json.loads(row["case_json"]))
-            try:
-                prepared = preprocess_case(case, with_seg=False, extra_paths={"label": row["label_path"]})
-                current = labels_to_internal(prepared.extra["label"].astype(np.int16))
-                teacher_probs = read_probs(row["probs_path"], prepared)
-                out = self.infer(prepared, cfg.model.mc_passes)
-                refined = refine(
-                    teacher_probs,
-                    out["mean_probs"],
-                    current,
-                    tau_high=cfg.loss.tau_high,
-                    tau_low=cfg.loss.tau_low,
-                    margin=cfg.curriculum.refine_margin,
-                    alpha=cfg.curriculum.refine_alpha,
-                    prior_confidence=float(row["confidence"]),
-                    uncertain_agreement=cfg.curriculum.uncertain_agreement,
-                )
-                labels = refined.label.numpy()
-                mask = encode_masks(refined.high_mask, refined.low_mask)
-                # Files are named by the case's new version: pseudo/v<version>/<case>_*.nii.gz
-                out_dir = self.out_dir / f"v{int(row['version']) + 1:02d}"
-                paths = write_pseudo_label(prepared, out_dir, labels, refined.uncertainty.numpy(), mask)
-                score = bool(row.get("score_truth"))
-                results.append(
-                    {
-                        "case_id": case.case_id,
-                        "confidence": float(refined.confidence),
-                        "agreement": float(refined.agreement),
-                        "high_share": float(refined.high_mask.float().mean()),
-                        "low_share": float(refined.low_mask.float().mean()),
-                        "truth_dice_before": _truth_dice(case, prepared, current) if score else None,
-                        "truth_dice_after": _truth_dice(case, prepared, labels) if score else None,
-                        "truth_dice_student": _truth_dice(case, prepared, out["label"]) if score else None,
-                        "counts_json": json.dumps(refined.counts),
-                        "error": "",
-                        "probs_path": row["probs_path"],
-                        **paths,
-                    }
-                )
-            except Exception as exc:  # noqa: BLE001 - reported by the driver, the case keeps its label
-                log.error("refinement failed for %s: %s", case.case_id, exc)
-                results.append({"case_id": case.case_id, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
-        return _columns(results)
+        prepared = preprocess_case(case, with_seg=False, extra_paths={"label": row["label_path"]})
+        current = labels_to_internal(prepared.extra["label"].astype(np.int16))
+        teacher_probs = read_probs(row["probs_path"], prepared)
+        out = self.infer(prepared, cfg.model.mc_passes)
+        refined = refine(
+            teacher_probs,
+            out["mean_probs"],
+            current,
+            tau_high=cfg.loss.tau_high,
+            tau_low=cfg.loss.tau_low,
+            margin=cfg.curriculum.refine_margin,
+            alpha=cfg.curriculum.refine_alpha,
+            prior_confidence=float(row["confidence"]),
+            uncertain_agreement=cfg.curriculum.uncertain_agreement,
+        )
+        labels = refined.label.numpy()
+        mask = encode_masks(refined.high_mask, refined.low_mask)
+        # Files are named by the case's new version: pseudo/v<version>/<case>_*.nii.gz
+        out_dir = self.out_dir / f"v{int(row['version']) + 1:02d}"
+        paths = write_pseudo_label(prepared, out_dir, labels, refined.uncertainty.numpy(), mask)
+        score = bool(row.get("score_truth"))
+        return {
+            "confidence": float(refined.confidence),
+            "agreement": float(refined.agreement),
+            "high_share": float(refined.high_mask.float().mean()),
+            "low_share": float(refined.low_mask.float().mean()),
+            "truth_dice_before": _truth_dice(case, prepared, current) if score else None,
+            "truth_dice_after": _truth_dice(case, prepared, labels) if score else None,
+            "truth_dice_student": _truth_dice(case, prepared, out["label"]) if score else None,
+            "counts_json": json.dumps(refined.counts),
+            "probs_path": row["probs_path"],
+            **paths,
+        }
 
 
 class Predictor(_MCModel):
@@ -185,53 +175,30 @@ class Predictor(_MCModel):
         self.out_dir = Path(out_dir)
         self.passes = passes or self.cfg.model.mc_passes
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        results = []
-        for row in _rows(batch):
-            case = CaseRecord.from_dict(json.loads(row["case_json"]))
-            try:
-                prepared = preprocess_case(case, with_seg=False)
-                out = self.infer(prepared, self.passes)
-                reference = case.images["flair"]
-                folder = self.out_dir / case.case_id
-                seg_path = folder / f"{case.case_id}_seg.nii.gz"
-                unc_path = folder / f"{case.case_id}_uncertainty.nii.gz"
-                write_label_like(paste_back(out["label"].astype(np.uint8), prepared), reference, seg_path)
-                write_like(paste_back(out["entropy"].astype(np.float32), prepared), reference, unc_path, dtype=np.float32)
-                results.append(
-                    {
-                        "case_id": case.case_id,
-                        "confidence": self.confidence(prepared, out),
-                        "seg_path": str(seg_path),
-                        "uncertainty_path": str(unc_path),
-                        "tumour_voxels": int((out["label"] > 0).sum()),
-                        "error": "",
-                    }
-                )
-            except Exception as exc:  # noqa: BLE001 - reported and skipped; the other cases complete
-                log.error("prediction failed for %s: %s", case.case_id, exc)
-                results.append({"case_id": case.case_id, "error": f"{type(exc).__name__}: {exc}"})
-        return _columns(results)
+    def process(self, case: CaseRecord, row: dict[str, Any]) -> dict[str, Any]:
+        prepared = preprocess_case(case, with_seg=False)
+        out = self.infer(prepared, self.passes)
+        reference = case.images["flair"]
+        folder = self.out_dir / case.case_id
+        seg_path = folder / f"{case.case_id}_seg.nii.gz"
+        unc_path = folder / f"{case.case_id}_uncertainty.nii.gz"
+        write_label_like(paste_back(out["label"].astype(np.uint8), prepared), reference, seg_path)
+        write_like(paste_back(out["entropy"].astype(np.float32), prepared), reference, unc_path, dtype=np.float32)
+        return {
+            "confidence": self.confidence(prepared, out),
+            "seg_path": str(seg_path),
+            "uncertainty_path": str(unc_path),
+            "tumour_voxels": int((out["label"] > 0).sum()),
+        }
 
 
 class Evaluator(_MCModel):
     """Deterministic prediction on labeled cases, scored with BraTS Dice and HD95 (mm)."""
 
-    def __init__(self, checkpoint_dir: str, cfg: dict[str, Any]) -> None:
-        super().__init__(checkpoint_dir, cfg)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    def process(self, case: CaseRecord, row: dict[str, Any]) -> dict[str, Any]:
         from raysemi.evaluation.metrics import brats_metrics
 
-        results = []
-        for row in _rows(batch):
-            case = CaseRecord.from_dict(json.loads(row["case_json"]))
-            try:
-                prepared = preprocess_case(case, with_seg=True)
-                out = self.infer(prepared, passes=1)
-                metrics = brats_metrics(out["label"], prepared.label, spacing=prepared.spacing, case_id=case.case_id)
-                results.append({"case_id": case.case_id, "site": case.site, "error": "", **metrics})
-            except Exception as exc:  # noqa: BLE001 - reported by the driver
-                log.error("evaluation failed for %s: %s", case.case_id, exc)
-                results.append({"case_id": case.case_id, "error": f"{type(exc).__name__}: {exc}"})
-        return _columns(results)
+        prepared = preprocess_case(case, with_seg=True)
+        out = self.infer(prepared, passes=1)
+        metrics = brats_metrics(out["label"], prepared.label, spacing=prepared.spacing, case_id=case.case_id)
+        return {"site": case.site, **metrics}
