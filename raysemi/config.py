@@ -83,6 +83,13 @@ class LossConfig(_Section):
         1.0, ge=0.0, description="λ_l ramps up with a sigmoid over this many stages' worth of steps (1 = first stage)."
     )
     eps: float = Field(1e-6, gt=0.0, lt=0.1, description="ε in −log(1 − p + ε).")
+    unlearn_background: bool = Field(
+        False,
+        description="Unlearn voxels of L whose pseudo-label is background too (METHOD.md's literal rule). The default "
+        "unlearns only tumour-labelled voxels of L: pushing 'not background' over wide uncertain regions tells the "
+        "student 'tumour' without saying where, and in the domain-shift study the student over-segmented more with "
+        "every stage (README).",
+    )
     mean_teacher_weight: float = Field(
         0.1, ge=0.0, description="Mean Teacher baseline: weight of the consistency loss (SSL4MIS default 0.1)."
     )

@@ -251,6 +251,9 @@ class DualLoss(nn.Module):
         rampup_steps: optimiser steps over which λ_l rises along :func:`sigmoid_rampup`
             (the first stage's share; 0 = no ramp).
         eps: ε inside the unlearning log.
+        unlearn_background: also unlearn voxels of L whose pseudo-label is background. False keeps
+            only tumour-labelled voxels of L: "not background" over wide uncertain regions tells
+            the student "tumour" without saying where, and it over-segmented (README, domain shift).
     """
 
     def __init__(
@@ -261,6 +264,7 @@ class DualLoss(nn.Module):
         lambda_low: float = 0.3,
         rampup_steps: int = 0,
         eps: float = 1e-6,
+        unlearn_background: bool = True,
     ) -> None:
         super().__init__()
         _check_thresholds(tau_high, tau_low)
@@ -274,6 +278,7 @@ class DualLoss(nn.Module):
         self.lambda_low = lambda_low
         self.rampup_steps = rampup_steps
         self.eps = eps
+        self.unlearn_background = unlearn_background
 
     def masks(self, uncertainty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(high, low) masks from an uncertainty map with this loss's thresholds."""
@@ -323,6 +328,8 @@ class DualLoss(nn.Module):
             sample_is_pseudo = is_pseudo[:, None, None, None]
             high = _mask_volume(high_mask, "high_mask", target) & sample_is_pseudo
             low = _mask_volume(low_mask, "low_mask", target) & sample_is_pseudo
+            if not self.unlearn_background:
+                low = low & (target > 0)
             confident = masked_dice_ce(logits, target, high)
             unlearn = unlearning_loss(logits, target, low, eps=self.eps)
         else:

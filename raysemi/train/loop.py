@@ -102,6 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lambda_low=cfg.loss.lambda_low,
         rampup_steps=job.rampup_steps,
         eps=cfg.loss.eps,
+        unlearn_background=cfg.loss.unlearn_background,
     )
 
     state = TrainState()

@@ -246,3 +246,21 @@ def test_dual_loss_requires_masks_for_pseudo_samples():
     logits, target, _, is_pseudo = _mixed_batch()
     with pytest.raises(ValueError, match="high_mask and low_mask"):
         DualLoss()(logits, target, is_pseudo)
+
+
+def test_dual_loss_without_background_unlearning_unlearns_only_tumour_labels():
+    # One pseudo-labeled sample, all three voxels in L, λ_h = 0 so only the unlearning term is left.
+    # Voxel 0 is labelled background (p = 0.25), voxel 1 class 3 (p = 0.4), voxel 2 class 1 (p = 0.01).
+    logits, target, _ = _volume()
+    low = torch.ones_like(target, dtype=torch.bool)
+    high = torch.zeros_like(low)
+    is_pseudo = torch.tensor([True])
+    every_voxel = -(math.log(1 - 0.25) + math.log(1 - 0.4) + math.log(1 - 0.01)) / 3
+    tumour_only = -(math.log(1 - 0.4) + math.log(1 - 0.01)) / 2
+    with_bg, parts = DualLoss(lambda_high=0.0, lambda_low=1.0, eps=1e-12)(logits, target, is_pseudo, high, low)
+    assert parts["low"] == pytest.approx(every_voxel, rel=1e-9)
+    without_bg, parts = DualLoss(lambda_high=0.0, lambda_low=1.0, eps=1e-12, unlearn_background=False)(
+        logits, target, is_pseudo, high, low
+    )
+    assert parts["low"] == pytest.approx(tumour_only, rel=1e-9)
+    assert without_bg.item() == pytest.approx(tumour_only, rel=1e-9)
