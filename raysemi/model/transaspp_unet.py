@@ -114,11 +114,17 @@ class TransASPPUNet(nn.Module):
             x = up(x, skip)
         return self.head(x)
 
+    def forward_from_skips(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Bottleneck and decoder on the encoder's features: the part of :meth:`forward` that holds dropout.
+
+        The encoder has no dropout, so Monte-Carlo dropout can encode a window once and run only
+        this part per pass (:func:`raysemi.semi.uncertainty.mc_predict`).
+        """
+        return self.decode(self.bottleneck(skips[-1]), skips)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        skips = self.encode(x)
-        x = self.bottleneck(skips[-1])
-        return self.decode(x, skips)
+        return self.forward_from_skips(self.encode(x))
 
 
 #: Named model sizes. ``tiny``: CPU tests and demos (a 64^3 patch in well under a second on

@@ -36,7 +36,7 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 from torch import nn
 
-from raysemi.model.transaspp_unet import SIZE_DIVISOR
+from raysemi.model.transaspp_unet import SIZE_DIVISOR, TransASPPUNet
 
 _EPS = 1e-8
 
@@ -123,6 +123,13 @@ def _check_passes(passes: int, max_batch: int | None) -> None:
         raise ValueError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
 
 
+def _deterministic_encoder(model: nn.Module) -> bool:
+    """True for a TransASPP-UNet whose encoder holds no stochastic module (so MC passes may share it)."""
+    return isinstance(model, TransASPPUNet) and not any(
+        isinstance(module, _STOCHASTIC_MODULES) for module in model.down_layers.modules()
+    )
+
+
 def _pass_chunks(model: nn.Module, x: torch.Tensor, passes: int,
                  max_batch: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``passes`` forward passes of ``x`` as repeated batches of at most ``max_batch``.
@@ -130,15 +137,27 @@ def _pass_chunks(model: nn.Module, x: torch.Tensor, passes: int,
     Sample ``s = t·B + b`` is pass ``t`` of batch item ``b``. Only one chunk of the repeated
     input exists at a time, so memory is bounded by ``max_batch``, not ``T·B``.
 
+    With several passes of a TransASPP-UNet, whose dropout sits only in the bottleneck and the
+    decoder, the encoder runs once per batch item and only the stochastic rest runs per pass: the
+    same distribution of outputs for (1 + T·rest/forward)/T of the work (the profile in
+    ``benchmarks/results/profile_hot_paths.md``).
+
     Yields:
         ``(sample_index (N,), probs (N, K, ...))`` per forward call, probabilities in float32.
     """
     batch = x.shape[0]
     total = passes * batch
     chunk = total if max_batch is None else max_batch
+    skips = None
+    if passes > 1 and _deterministic_encoder(model):
+        model.check_input(x)
+        skips = model.encode(x)
     for start in range(0, total, chunk):
         sample_index = torch.arange(start, min(start + chunk, total), device=x.device)
-        logits = model(x[sample_index % batch])
+        if skips is None:
+            logits = model(x[sample_index % batch])
+        else:
+            logits = model.forward_from_skips([skip[sample_index % batch] for skip in skips])
         yield sample_index, F.softmax(logits.float(), dim=1)
 
 

@@ -159,6 +159,41 @@ def test_chunks_never_exceed_max_batch() -> None:
     assert seen_batch_sizes == [3, 3, 2]  # 8 samples in chunks of at most 3
 
 
+def test_mc_passes_share_one_encoder_run_and_keep_their_own_dropout(tiny_model: nn.Module) -> None:
+    # The encoder has no dropout, so T passes of B windows encode the B windows once; the
+    # bottleneck and decoder run for all T·B samples, each with its own dropout masks.
+    encoder_batches: list[int] = []
+    decoder_batches: list[int] = []
+    hooks = [
+        tiny_model.down_layers[0].register_forward_pre_hook(lambda m, a: encoder_batches.append(a[0].shape[0])),
+        tiny_model.head.register_forward_pre_hook(lambda m, a: decoder_batches.append(a[0].shape[0])),
+    ]
+    try:
+        x = torch.randn(2, 4, 32, 32, 32)
+        passes = mc_dropout_probs(tiny_model, x, passes=4, max_batch=3)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert encoder_batches == [2]
+    assert decoder_batches == [3, 3, 2]
+    # Passes of the same window differ (own masks); deterministic passes equal the plain forward.
+    assert (passes[0, 0] - passes[1, 0]).abs().max() > 1e-3
+    tiny_model.eval()
+    with torch.no_grad():
+        plain = torch.softmax(tiny_model(x), dim=1)
+    torch.testing.assert_close(mc_dropout_probs(tiny_model, x, passes=4, dropout=False)[3], plain, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_encoder_dropout_runs_whole_passes() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny", dropout=0.3)
+    model.down_layers[0] = nn.Sequential(model.down_layers[0], nn.Dropout3d(0.3))
+    encoder_batches: list[int] = []
+    model.down_layers[0].register_forward_pre_hook(lambda m, a: encoder_batches.append(a[0].shape[0]))
+    mc_dropout_probs(model, torch.randn(2, 4, 32, 32, 32), passes=4, max_batch=3)
+    assert encoder_batches == [3, 3, 2]  # the encoder is stochastic now: it runs in every pass
+
+
 def test_mc_predict_matches_the_per_pass_formulas(tiny_model: nn.Module) -> None:
     x = torch.randn(2, 4, 32, 32, 32)
     torch.manual_seed(7)
