@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import benchmark_parser, machine_info, machine_line, write_report
+from _common import benchmark_parser, compare, machine_info, machine_line, write_report
 
 NAME = "profile_hot_paths"
 PATHS = ("patches", "pseudo_label", "refine", "evaluate", "train_step")
@@ -277,7 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     from raysemi.atomic import atomic_write_text
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child", "data", "work")}
-    write_report(args.out, NAME, args.quick, settings, {**result, "profile": profile}, [], machine=machine)
+    comparisons = []
+    if "pseudo_label_whole_passes" in result["seconds"]:
+        comparisons.append(compare(
+            f"pseudo-labeling, encoder once per window (T={args.passes}, {args.size}^3)", 60 * result["cases"] / result["seconds"]["pseudo_label"],
+            "whole-network MC passes", 60 * result["cases"] / result["seconds"]["pseudo_label_whole_passes"], "cases/min",
+        ))
+    write_report(args.out, NAME, args.quick, settings, {**result, "profile": profile}, comparisons, machine=machine)
     atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

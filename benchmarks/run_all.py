@@ -8,7 +8,10 @@ smoke test never overwrites the measured numbers.
 
 Usage::
 
-    python benchmarks/run_all.py [--quick] [--only data_pipeline train_step ...]
+    python benchmarks/run_all.py [--quick] [--only data_pipeline train_step ...] [--collect]
+
+``--collect`` runs nothing and builds the report from the JSONs that earlier runs of the single
+scripts left in ``benchmarks/out/`` (each row then says which machine and load it was measured at).
 
 A benchmark that fails is recorded as failed (with the tail of its log) and the others still run.
 ``data_efficiency`` and ``domain_shift`` (study benchmarks: many trainings) run when their scripts
@@ -38,6 +41,7 @@ class Benchmark:
     Attributes:
         script: file name in ``benchmarks/``.
         quick_args: arguments for a smoke test (``--quick`` for the scripts that have it).
+        args: arguments of the full run.
         study: the script takes ``--out DIR`` (its default folder: ``out/<name>``, ``out/<name>-quick``)
             rather than a JSON path; its result JSON is looked up in that folder.
         optional: skipped without error when the script does not exist.
@@ -45,6 +49,7 @@ class Benchmark:
 
     script: str
     quick_args: tuple[str, ...] = ("--quick",)
+    args: tuple[str, ...] = ()
     study: bool = False
     optional: bool = False
 
@@ -57,6 +62,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "train_step": Benchmark("train_step.py"),
     "pseudo_label": Benchmark("pseudo_label.py"),
     "memory": Benchmark("memory.py"),
+    "profile_hot_paths": Benchmark("profile_hot_paths.py", quick_args=("--quick", "--compare-whole-passes"),
+                                   args=("--cases", "4", "--compare-whole-passes")),
     "data_efficiency": Benchmark("data_efficiency.py", study=True, optional=True),
     "domain_shift": Benchmark("domain_shift.py", study=True, optional=True),
 }
@@ -86,13 +93,29 @@ def study_result_json(folder: Path, name: str) -> Path | None:
     return None
 
 
+def result_path_of(name: str, benchmark: Benchmark, quick: bool) -> Path | None:
+    """Where the benchmark's own run leaves its JSON (None for a study folder without one)."""
+    suffix = "-quick" if quick else ""
+    if benchmark.study:
+        return study_result_json(OUT_DIR / f"{name}{suffix}", name)
+    return OUT_DIR / f"{name}{suffix}.json"
+
+
+def collect_benchmark(name: str, benchmark: Benchmark, quick: bool) -> dict[str, Any]:
+    """The JSON an earlier run of this benchmark left in ``benchmarks/out/``, without running it."""
+    path = result_path_of(name, benchmark, quick)
+    if path is None or not path.is_file():
+        return {"status": "missing", "script": str(BENCHMARKS_DIR / benchmark.script), "reason": "no result JSON to collect"}
+    return {"status": "ok", "collected": True, "json": str(path), "report": json.loads(path.read_text())}
+
+
 def run_benchmark(name: str, benchmark: Benchmark, quick: bool) -> dict[str, Any]:
     """Run one benchmark; returns status, exit code, wall time, the JSON's path and its content."""
     script = BENCHMARKS_DIR / benchmark.script
     if not script.is_file():
         return {"status": "missing", "script": str(script)}
     suffix = "-quick" if quick else ""
-    command = [sys.executable, str(script), *(benchmark.quick_args if quick else ())]
+    command = [sys.executable, str(script), *(benchmark.quick_args if quick else benchmark.args)]
     if benchmark.study:
         result_dir = OUT_DIR / f"{name}{suffix}"  # the study scripts' own default folder
     else:
@@ -188,13 +211,17 @@ def markdown_report(entries: dict[str, dict[str, Any]], machine: dict[str, Any],
             ratio = "" if row.get("ratio") is None else f"{row['ratio']:.2f}"
             met = {True: "yes", False: "no", None: ""}[row.get("met")]
             lines.append(f"| {name} | {measurement} | {baseline} | {ratio} | {row.get('target') or ''} | {met} |")
+    collected = [(name, entry["report"].get("machine")) for name, entry in entries.items() if entry.get("collected")]
+    if collected:
+        lines += ["", "Collected from separate runs (`--collect`); each was measured on:", ""]
+        lines += [f"- {name}: {machine_line(info) if info else 'machine not recorded'}" for name, info in collected]
     notes = [(name, note) for name, entry in entries.items() if entry["status"] == "ok"
              for note in entry["report"].get("notes", [])]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {name}: {note}" for name, note in notes]
     missing = [name for name, entry in entries.items() if entry["status"] == "missing"]
     if missing:
-        lines += ["", f"Not run (script not present): {', '.join(missing)}."]
+        lines += ["", f"Not run (script or result JSON not present): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -203,13 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="every benchmark at its smoke-test sizes")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), metavar="NAME",
                         help=f"run only these ({', '.join(BENCHMARKS)})")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: build the report from the JSONs earlier runs left in benchmarks/out/")
     args = parser.parse_args(argv)
 
     machine = machine_info()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     entries = {}
     for name in args.only or BENCHMARKS:
-        entries[name] = run_benchmark(name, BENCHMARKS[name], args.quick)
+        run = collect_benchmark if args.collect else run_benchmark
+        entries[name] = run(name, BENCHMARKS[name], args.quick)
         if entries[name]["status"] == "missing" and not BENCHMARKS[name].optional:
             print(f"WARNING: {entries[name]['script']} does not exist", flush=True)
 
