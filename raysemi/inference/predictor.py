@@ -26,7 +26,7 @@ import torch
 from raysemi.config import RaysemiConfig
 from raysemi.data.brats import CaseRecord
 from raysemi.data.nifti import labels_to_internal, write_label_like, write_like
-from raysemi.data.transforms import PreprocessedCase, paste_back, preprocess_case
+from raysemi.data.transforms import PreprocessedCase, case_seed, paste_back, preprocess_case
 from raysemi.evaluation.metrics import dice_per_region
 from raysemi.inference.outputs import read_probs, write_pseudo_label
 from raysemi.semi.losses import encode_masks, masks_from_uncertainty
@@ -69,6 +69,9 @@ class _MCModel:
         results = []
         for row in _rows(batch):
             case = CaseRecord.from_dict(json.loads(row["case_json"]))
+            # MC-dropout masks seeded by (train.seed, case, pseudo-label version): a rerun, a resumed run
+            # or a retried case gets the same pseudo-label, uncertainty and confidence.
+            torch.manual_seed(case_seed(self.cfg.train.seed, case.case_id, int(row.get("version", 0))))
             try:
                 results.append({"case_id": case.case_id, "error": "", **self.process(case, row)})
             except Exception as exc:  # noqa: BLE001 - reported by the driver, the other cases go on
