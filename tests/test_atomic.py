@@ -222,7 +222,7 @@ def test_kill_mid_write_leaves_previous_version(tmp_path, writer):
         cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        deadline, kill_after = time.time() + 180, None
+        deadline, kill_after = time.time() + 400, None
         while True:
             assert time.time() < deadline, "the child never reached a mid-write point"
             assert child.poll() is None, f"writer {writer} died:\n{child.stdout.read().decode()[-3000:]}"
@@ -232,9 +232,15 @@ def test_kill_mid_write_leaves_previous_version(tmp_path, writer):
             if kill_after is not None and time.time() >= kill_after:
                 temp = _half_written_temp(target, started)
                 if temp is not None:
-                    os.kill(child.pid, signal.SIGKILL)
-                    child.wait()
-                    break
+                    # Freeze the child and look again, so that what we see is what the kill interrupts
+                    # (on a loaded machine it could otherwise finish this write between look and kill).
+                    os.kill(child.pid, signal.SIGSTOP)
+                    temp = _half_written_temp(target, _intended(tmp_path, target))
+                    if temp is not None:
+                        os.kill(child.pid, signal.SIGKILL)
+                        child.wait()
+                        break
+                    os.kill(child.pid, signal.SIGCONT)
             time.sleep(0.005)
     finally:
         if child.poll() is None:
