@@ -170,7 +170,7 @@ def table_rows(name: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
     # A study writes its own tables next to its JSON (``<name>.md``); point there.
     result = Path(entry["json"])
     table = result.with_suffix(".md")
-    where = table if table.is_file() else result
+    where = _committed_report(name, table if table.is_file() else result)
     return [{"measurement": f"see `{where.relative_to(REPO_ROOT) if where.is_relative_to(REPO_ROOT) else where}`",
              "value": None, "baseline": "", "baseline_value": None, "unit": "", "ratio": None, "target": None,
              "met": None}]
@@ -182,6 +182,21 @@ def _number(value: Any, unit: str) -> str:
         return ""
     text = f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
     return f"{text} {unit}".strip()
+
+
+def _machine_text(info: dict[str, Any] | None) -> str:
+    """``machine_line`` for the shared layout; the raw fields for an older JSON that predates it."""
+    if not info:
+        return "machine not recorded"
+    if "cpu_model" in info or "load_average" in info:
+        return machine_line(info)
+    return ", ".join(f"{key} {value}" for key, value in info.items() if key != "platform")
+
+
+def _committed_report(name: str, fallback: Path) -> Path:
+    """A study's committed report under ``benchmarks/results/<name>/`` when there is one (``out/`` is not in git)."""
+    committed = BENCHMARKS_DIR / "results" / name / fallback.name
+    return committed if committed.is_file() else fallback
 
 
 def markdown_report(entries: dict[str, dict[str, Any]], machine: dict[str, Any], quick: bool) -> str:
@@ -214,7 +229,7 @@ def markdown_report(entries: dict[str, dict[str, Any]], machine: dict[str, Any],
     collected = [(name, entry["report"].get("machine")) for name, entry in entries.items() if entry.get("collected")]
     if collected:
         lines += ["", "Collected from separate runs (`--collect`); each was measured on:", ""]
-        lines += [f"- {name}: {machine_line(info) if info else 'machine not recorded'}" for name, info in collected]
+        lines += [f"- {name}: {_machine_text(info)}" for name, info in collected]
     notes = [(name, note) for name, entry in entries.items() if entry["status"] == "ok"
              for note in entry["report"].get("notes", [])]
     if notes:
