@@ -52,6 +52,13 @@ def benchmark_parser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def fill_size_defaults(args: argparse.Namespace, quick: dict[str, Any], full: dict[str, Any]) -> None:
+    """Set the size options left at None: the smoke-test sizes with ``--quick``, else the measured ones."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def cpu_model_name() -> str:
     """The ``model name`` line of /proc/cpuinfo (the processor string elsewhere)."""
     try:

@@ -39,7 +39,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from _common import benchmark_parser, compare, env_without_ray_address, machine_info, run_child, write_report
+from _common import (
+    benchmark_parser,
+    compare,
+    env_without_ray_address,
+    fill_size_defaults,
+    machine_info,
+    run_child,
+    write_report,
+)
 
 NAME = "data_pipeline"
 OBJECT_STORE_GB = 1.0  # as jobs/configs/demo.yaml
@@ -220,11 +228,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--child", choices=sorted(CHILD_MODES), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    defaults = dict(cases=6, cases_large=24, size=48, patch=32, repeats=1) if args.quick else \
-        dict(cases=20, cases_large=80, size=96, patch=64, repeats=2)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_size_defaults(
+        args,
+        quick=dict(cases=6, cases_large=24, size=48, patch=32, repeats=1),
+        full=dict(cases=20, cases_large=80, size=96, patch=64, repeats=2),
+    )
     return args
 
 

@@ -28,7 +28,15 @@ from typing import Any
 
 import yaml
 
-from _common import benchmark_parser, compare, env_without_ray_address, machine_info, run_measured, write_report
+from _common import (
+    benchmark_parser,
+    compare,
+    env_without_ray_address,
+    fill_size_defaults,
+    machine_info,
+    run_measured,
+    write_report,
+)
 
 NAME = "memory"
 
@@ -81,11 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--passes", type=int, help="MC-dropout passes (default 4; quick 2)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
     args = parser.parse_args(argv)
-    defaults = dict(cases=8, cases_large=16, size=48, patch=32, passes=2) if args.quick else \
-        dict(cases=20, cases_large=80, size=64, patch=48, passes=4)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_size_defaults(
+        args,
+        quick=dict(cases=8, cases_large=16, size=48, patch=32, passes=2),
+        full=dict(cases=20, cases_large=80, size=64, patch=48, passes=4),
+    )
     return args
 
 

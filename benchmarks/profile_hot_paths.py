@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import benchmark_parser, compare, machine_info, machine_line, write_report
+from _common import benchmark_parser, compare, fill_size_defaults, machine_info, machine_line, write_report
 
 NAME = "profile_hot_paths"
 PATHS = ("patches", "pseudo_label", "refine", "evaluate", "train_step")
@@ -219,10 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.py_spy and args.compare_whole_passes:
         parser.error("--py-spy and --compare-whole-passes go in separate runs (the profile would mix both pseudo-labelings)")
-    defaults = dict(cases=2, size=48, patch=32) if args.quick else dict(cases=6, size=96, patch=64)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_size_defaults(args, quick=dict(cases=2, size=48, patch=32), full=dict(cases=6, size=96, patch=64))
     return args
 
 

@@ -39,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from _common import benchmark_parser, compare, env_without_ray_address, machine_info, run_child, write_report
+from _common import (
+    benchmark_parser,
+    compare,
+    env_without_ray_address,
+    fill_size_defaults,
+    machine_info,
+    run_child,
+    write_report,
+)
 from raysemi.inference.predictor import PseudoLabeler
 
 NAME = "pseudo_label"
@@ -156,10 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--actors", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    defaults = dict(cases=3, size=48, patch=32) if args.quick else dict(cases=8, size=96, patch=64)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_size_defaults(args, quick=dict(cases=3, size=48, patch=32), full=dict(cases=8, size=96, patch=64))
     return args
 
 

@@ -34,7 +34,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import benchmark_parser, compare, machine_info, write_report
+from _common import benchmark_parser, compare, fill_size_defaults, machine_info, write_report
 
 NAME = "train_step"
 
@@ -179,10 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in both runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batches")
     args = parser.parse_args(argv)
-    defaults = dict(patch=32, warmup=1, steps=4) if args.quick else dict(patch=64, warmup=3, steps=20)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_size_defaults(args, quick=dict(patch=32, warmup=1, steps=4), full=dict(patch=64, warmup=3, steps=20))
     return args
 
 
