@@ -38,6 +38,13 @@ from raysemi.errors import ConfigError
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
 STUDY_SECTION = "study"
+#: The studies' headline score: mean Dice of the ET, TC and WT regions.
+SCORE = "dice_mean_regions"
+#: Training sizes of both studies' ``--quick`` smoke tests (each adds its own ``study.*`` sizes).
+QUICK_TRAINING = (
+    "data.patch_size=[32, 32, 32]", "model.mc_passes=2", "curriculum.stages=2", "curriculum.epochs_per_stage=1",
+    "train.epochs=2", "train.steps_per_epoch=4",
+)
 SETTINGS_FILE = "study_settings.json"
 
 Settings = TypeVar("Settings", bound=BaseModel)
@@ -58,6 +65,12 @@ def study_parser(name: str, description: str) -> argparse.ArgumentParser:
                         help="output folder: report (JSON, Markdown, PNG), generated data, runs, MLflow store "
                         f"(default: benchmarks/out/{name}, or benchmarks/out/{name}-quick with --quick)")
     return parser
+
+
+def check_shape(shape: Sequence[int]) -> None:
+    """A generated volume must be at least 16 voxels per side (the model's 4 downsamplings)."""
+    if any(side < 16 for side in shape):
+        raise ValueError(f"every side of shape must be at least 16, got {list(shape)}")
 
 
 def output_dir(out: Path | None, name: str, quick: bool) -> Path:

@@ -41,9 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from _common import machine_info, machine_line, write_report
 from _study import (
+    QUICK_TRAINING,
+    SCORE,
     Progress,
     cached_json,
     check_resume,
+    check_shape,
     ensure_synth,
     json_safe,
     load_study,
@@ -63,21 +66,16 @@ from raysemi.evaluation.report import markdown_table
 from raysemi.train.launch import ensure_ray
 from raysemi.train.loop import epoch_steps
 from raysemi.train.pipeline import prepare_run, train_teacher
-from raysemi.train.semi_pipeline import evaluate_checkpoint, run_pipeline
+from raysemi.train.semi_pipeline import evaluate_checkpoint, run_pipeline, stage_validation
 
 NAME = "data_efficiency"
-SCORE = "dice_mean_regions"
 TABLE_KEYS = ("dice_mean_regions", "dice_region_ET", "dice_region_TC", "dice_region_WT",
               "dice_class_NCR_NET", "dice_class_ED", "dice_class_ET")
 TEACHER, STUDENT = "supervised teacher", "raysemi student"
 
 # --quick: 10 scans of 48^3 (2 validate, 8 in the pool), 32^3 patches, fractions 25 % (2 labeled + 6
 # unlabeled: the whole pipeline) and 100 % (teacher only); 2 stages; teachers 8 steps, students 16.
-QUICK = (
-    "study.shape=[48, 48, 48]", "study.cases=10", "study.fractions=[0.25, 1.0]", "study.seeds=[0]",
-    "data.patch_size=[32, 32, 32]", "model.mc_passes=2", "curriculum.stages=2", "curriculum.epochs_per_stage=1",
-    "train.epochs=2", "train.steps_per_epoch=4",
-)
+QUICK = ("study.shape=[48, 48, 48]", "study.cases=10", "study.fractions=[0.25, 1.0]", "study.seeds=[0]", *QUICK_TRAINING)
 
 
 class DataEfficiencySettings(BaseModel):
@@ -102,8 +100,7 @@ class DataEfficiencySettings(BaseModel):
     @field_validator("shape")
     @classmethod
     def _big_enough(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(side < 16 for side in value):
-            raise ValueError(f"every side must be at least 16, got {list(value)}")
+        check_shape(value)
         return value
 
 
@@ -113,10 +110,6 @@ def run_name(seed: int, fraction: float, quick: bool) -> str:
 
 def percent(fraction: float) -> str:
     return f"{100 * fraction:g}".replace(".", "p")
-
-
-def strip_val(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
 
 
 def run_fraction(cfg: RaysemiConfig, progress: Progress) -> dict[str, Any]:
@@ -132,19 +125,18 @@ def run_fraction(cfg: RaysemiConfig, progress: Progress) -> dict[str, Any]:
         teacher = train_teacher(ctx)
         mean, _ = evaluate_checkpoint(ctx, teacher["checkpoint"], "teacher")
         return {**common, "student_trained": False, "teacher": mean, "student": None,
-                "stage_validation": [{"stage": 0, **strip_val(teacher["metrics"])}], "iterations_student": None,
+                "stage_validation": stage_validation(teacher, []), "iterations_student": None,
                 "pseudo_labels": None}
     progress(f"{cfg.train.run_name}: {n_labeled} labeled + {n_unlabeled} unlabeled scans: the whole pipeline")
     outputs = run_pipeline(cfg)
     stage_steps = [cfg.curriculum.epochs_per_stage * epoch_steps(cfg, n_labeled + len(s["admitted"])) for s in outputs["stages"]]
-    stage_validation = [{"stage": 0, **strip_val(outputs["teacher"]["metrics"])}]
-    stage_validation += [{"stage": i + 1, **strip_val(s["metrics"])} for i, s in enumerate(outputs["stages"])]
     results = Path(outputs["run_dir"]) / "results"
     refinements = [read_summary(results / f"refinement_stage_{s:02d}.json") for s in range(1, cfg.curriculum.stages + 1)]
     return {
         **common, "student_trained": True,
         "teacher": outputs["evaluation"]["teacher"], "student": outputs["evaluation"]["student"],
-        "stage_validation": stage_validation, "iterations_student": teacher_steps + sum(stage_steps),
+        "stage_validation": stage_validation(outputs["teacher"], outputs["stages"]),
+        "iterations_student": teacher_steps + sum(stage_steps),
         "iterations_stages": stage_steps,
         "pseudo_labels": {"teacher": read_summary(results / "pseudo_labels.json") or {},
                           "stages": [{"stage": i + 1, **r} for i, r in enumerate(refinements) if r is not None]},

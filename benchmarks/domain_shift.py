@@ -47,9 +47,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from _common import machine_info, machine_line, write_report
 from _study import (
+    QUICK_TRAINING,
+    SCORE,
     Progress,
     cached_json,
     check_resume,
+    check_shape,
     ensure_synth,
     json_safe,
     load_study,
@@ -71,7 +74,7 @@ from raysemi.train.baselines import train_baseline
 from raysemi.train.launch import ensure_ray
 from raysemi.train.loop import epoch_steps
 from raysemi.train.pipeline import RunContext, prepare_run
-from raysemi.train.semi_pipeline import evaluate_checkpoint, run_pipeline
+from raysemi.train.semi_pipeline import evaluate_checkpoint, run_pipeline, stage_validation, validation_metrics
 
 NAME = "domain_shift"
 
@@ -86,15 +89,10 @@ TABLE_KEYS = (
     "dice_class_NCR_NET", "dice_class_ED", "dice_class_ET", "dice_mean_classes",
 )
 BAR_KEYS = ("dice_mean_regions", "dice_region_ET", "dice_region_TC", "dice_region_WT", "dice_class_NCR_NET", "dice_class_ED")
-SCORE = "dice_mean_regions"
 
 # --quick: the same structure scaled down (4 labeled A; 8 B = 2 validation + 6 unlabeled), 48^3 volumes,
 # 32^3 patches, 2 stages; (2 + 2 x 1) x 4 = 16 optimiser steps per method. A smoke test, not a measurement.
-QUICK = (
-    "study.shape=[48, 48, 48]", "study.source_cases=4", "study.target_cases=8", "study.seeds=[0]",
-    "data.patch_size=[32, 32, 32]", "model.mc_passes=2", "curriculum.stages=2", "curriculum.epochs_per_stage=1",
-    "train.epochs=2", "train.steps_per_epoch=4",
-)
+QUICK = ("study.shape=[48, 48, 48]", "study.source_cases=4", "study.target_cases=8", "study.seeds=[0]", *QUICK_TRAINING)
 
 
 class DomainShiftSettings(BaseModel):
@@ -115,8 +113,7 @@ class DomainShiftSettings(BaseModel):
     def _distinct_sites(self) -> "DomainShiftSettings":
         if self.source_site == self.target_site:
             raise ValueError(f"source_site and target_site must differ, both are {self.source_site!r}")
-        if any(side < 16 for side in self.shape):
-            raise ValueError(f"every side of shape must be at least 16, got {list(self.shape)}")
+        check_shape(self.shape)
         return self
 
 
@@ -171,26 +168,26 @@ def split_lists(ctx: RunContext) -> dict[str, list[str]]:
     return {"labeled": ctx.split.labeled, "unlabeled": ctx.split.unlabeled, "validation": ctx.split.validation}
 
 
-def train_student(cfg: RaysemiConfig, progress: Progress) -> dict[str, Any]:
-    """(b): the whole raysemi pipeline, then the final student on the validation cases."""
+def train_student(cfg: RaysemiConfig) -> dict[str, Any]:
+    """(b): the whole raysemi pipeline; its final evaluation scores the student on the validation cases."""
     outputs = run_pipeline(cfg)
     ctx = prepare_run(cfg)  # the finished run's context (reads its manifest)
     checkpoint = outputs["stages"][-1]["checkpoint"]
-    progress(f"{cfg.train.run_name}: evaluating the final student on {len(ctx.split.validation)} validation cases")
-    mean, rows = evaluate_checkpoint(ctx, checkpoint, "student")
+    # The pipeline's final evaluation already scored this checkpoint on these cases (the same
+    # evaluate_checkpoint the baselines get): its mean, and its per-case rows from the report.
+    mean = outputs["evaluation"]["student"]
+    rows = json.loads((Path(outputs["run_dir"]) / "results" / "student_metrics.json").read_text())["cases"]
     # Steps the pipeline took: epoch_steps gives train.steps_per_epoch whatever the case counts.
     stage_steps = [cfg.curriculum.epochs_per_stage * epoch_steps(cfg, len(ctx.split.labeled) + len(s["admitted"]))
                    for s in outputs["stages"]]
     teacher_steps = cfg.train.epochs * epoch_steps(cfg, len(ctx.split.labeled))
-    stage_validation = [{"stage": 0, **strip_val(outputs["teacher"]["metrics"])}]
-    stage_validation += [{"stage": i + 1, **strip_val(s["metrics"])} for i, s in enumerate(outputs["stages"])]
     return {
         "method": "student", "run_name": cfg.train.run_name, "run_dir": outputs["run_dir"], "checkpoint": checkpoint,
         "iterations": teacher_steps + sum(stage_steps), "iterations_teacher": teacher_steps, "iterations_stages": stage_steps,
         "split": split_lists(ctx), "mean": mean, "cases": rows,
         # The pipeline's own final evaluation: its teacher (site A, the teacher's share of the budget).
         "own_teacher_mean": outputs["evaluation"]["teacher"],
-        "stage_validation": stage_validation,
+        "stage_validation": stage_validation(outputs["teacher"], outputs["stages"]),
         "pseudo_labels": pseudo_label_quality(Path(outputs["run_dir"]), cfg.curriculum.stages),
     }
 
@@ -211,13 +208,13 @@ def train_baseline_run(cfg: RaysemiConfig, method: str, student: dict[str, Any],
     mean, rows = evaluate_checkpoint(ctx, outputs["checkpoint"], method)
     return {"method": method, "run_name": cfg.train.run_name, "run_dir": str(ctx.run_dir), "checkpoint": outputs["checkpoint"],
             "iterations": outputs["iterations"], "split": split_lists(ctx), "mean": mean, "cases": rows,
-            "best_epoch_validation": strip_val(outputs["metrics"])}
+            "best_epoch_validation": validation_metrics(outputs["metrics"])}
 
 
 def run_seed(seed: int, configs: dict[str, RaysemiConfig], results_dir: Path, progress: Progress) -> dict[str, Any]:
     """All four methods of one seed; each finished method is cached in ``results_dir/<method>.json``."""
     progress(f"seed {seed}: {METHODS['student']} ({configs['student'].train.run_name})")
-    student = cached_json(results_dir / "student.json", lambda: train_student(configs["student"], progress))
+    student = cached_json(results_dir / "student.json", lambda: train_student(configs["student"]))
     runs = {"student": student}
     for method in ("supervised", "mean_teacher", "ceiling"):
         progress(f"seed {seed}: {METHODS[method]} ({configs[method].train.run_name}, {student['iterations']} steps)")
@@ -229,10 +226,6 @@ def run_seed(seed: int, configs: dict[str, RaysemiConfig], results_dir: Path, pr
     # The ceiling trains on exactly the scans the student saw without labels (unless broken ones were skipped).
     runs["ceiling"]["labels_student_unlabeled_scans"] = sorted(runs["ceiling"]["split"]["labeled"]) == sorted(student["split"]["unlabeled"])
     return runs
-
-
-def strip_val(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
 
 
 def pseudo_label_quality(run_dir: Path, stages: int) -> dict[str, Any]:

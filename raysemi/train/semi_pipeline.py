@@ -239,6 +239,17 @@ def evaluate_checkpoint(ctx: RunContext, checkpoint: str, name: str) -> tuple[di
     return summarise(good)["mean"], sorted(good, key=lambda r: r["case_id"])
 
 
+def validation_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ``val_*`` metrics of a fit's best epoch, without the prefix."""
+    return {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
+
+
+def stage_validation(teacher: dict[str, Any], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validation metrics per curriculum stage, the teacher as stage 0 (the points of ``stage_dice.png``)."""
+    points = [{"stage": 0, **validation_metrics(teacher["metrics"])}]
+    return points + [{"stage": i + 1, **validation_metrics(s["metrics"])} for i, s in enumerate(stages)]
+
+
 def final_evaluation(ctx: RunContext, teacher: dict[str, Any], stages: list[dict[str, Any]], parent_run_id: str) -> dict[str, Any]:
     """Teacher vs final student on the validation cases: table, CSV/JSON/Markdown reports, plots, model."""
     if ctx.state.done("evaluation"):
@@ -254,11 +265,7 @@ def final_evaluation(ctx: RunContext, teacher: dict[str, Any], stages: list[dict
     write_reports(student_rows, results_dir, stem="student_metrics")
     table = comparison_table({"teacher": teacher_mean, "student": student_mean})
     atomic_write_text(results_dir / "teacher_vs_student.md", table + "\n")
-    stage_points = [{"stage": 0, **{k.removeprefix("val_"): v for k, v in teacher["metrics"].items()}}]
-    stage_points += [
-        {"stage": i + 1, **{k.removeprefix("val_"): v for k, v in s["metrics"].items() if k.startswith("val_")}}
-        for i, s in enumerate(stages)
-    ]
+    stage_points = stage_validation(teacher, stages)
     stage_png = plots.stage_dice(stage_points, results_dir / "stage_dice.png")
     final = {f"final_teacher_{k}": v for k, v in teacher_mean.items()}
     final.update({f"final_student_{k}": v for k, v in student_mean.items()})
