@@ -81,6 +81,20 @@ def create_run(
     return run.info.run_id
 
 
+def find_child_run(uri: str, experiment: str, parent_run_id: str, run_name: str) -> str | None:
+    """The id of a run named ``run_name`` nested under ``parent_run_id``, if one exists.
+
+    A driver killed between creating a nested run and recording its id leaves such a run behind;
+    the resumed driver adopts it instead of creating a second one.
+    """
+    runs = client(uri).search_runs(
+        [experiment_id(uri, experiment)],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`mlflow.runName` = '{run_name}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def run_exists(uri: str, run_id: str | None) -> bool:
     if not run_id:
         return False

@@ -128,12 +128,17 @@ def prepare_run(cfg: RaysemiConfig) -> RunContext:
 
 
 def mlflow_run(ctx: RunContext, key: str, run_name: str, tags: dict[str, Any], parent: str | None = None) -> str:
-    """Get the MLflow run recorded under ``key`` in state.json, or create it (nested under ``parent``)."""
+    """Get the MLflow run recorded under ``key`` in state.json, or create it (nested under ``parent``).
+
+    A nested run that a killed driver created but did not record is found by name and adopted.
+    """
     run_id = ctx.state.mlflow.get(key)
     if tracking.run_exists(ctx.mlflow_uri, run_id):
         return run_id
-    run_id = tracking.create_run(ctx.mlflow_uri, ctx.cfg.tracking.experiment, run_name, tags, parent)
-    tracking.log_params(ctx.mlflow_uri, run_id, ctx.cfg.flat())
+    run_id = parent and tracking.find_child_run(ctx.mlflow_uri, ctx.cfg.tracking.experiment, parent, run_name)
+    if not run_id:
+        run_id = tracking.create_run(ctx.mlflow_uri, ctx.cfg.tracking.experiment, run_name, tags, parent)
+    tracking.log_params(ctx.mlflow_uri, run_id, ctx.cfg.flat())  # the same values again when adopted
     ctx.state.set_run_id(key, run_id)
     return run_id
 
